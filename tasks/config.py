@@ -1,0 +1,225 @@
+"""params.yaml loaded once into validated, typed settings.
+
+Every stage calls :func:`load_params` before doing any work, so a misspelt key, a value of the
+wrong type, fractions that do not sum to one or a missing source folder stop the run at once
+with a message that names the key.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tasks.errors import GraftError
+
+DEFAULT_PARAMS = Path("params.yaml")
+Role = Literal["pretrain", "target"]
+ROLES: tuple[Role, ...] = ("pretrain", "target")
+
+
+class ParamsError(GraftError):
+    """params.yaml is missing, malformed or has a bad key or value."""
+
+
+class _Strict(BaseModel):
+    # Unknown keys are errors: a typo must never silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Common(_Strict):
+    seed: int = Field(ge=0)
+    image_size: int = Field(ge=8, le=1024)
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    num_workers: int = Field(default=0, ge=0)
+
+    @field_validator("std")
+    @classmethod
+    def _positive_std(cls, std: tuple[float, float, float]) -> tuple[float, float, float]:
+        if min(std) <= 0:
+            raise ValueError("every std must be > 0")
+        return std
+
+
+class IngestPaths(_Strict):
+    dataset: Path
+    rejected: Path
+    metrics: Path
+
+
+class SplitPaths(_Strict):
+    splits: Path
+    metrics: Path
+
+
+class TrainPaths(_Strict):
+    checkpoint: Path
+    metrics: Path
+    history: Path
+
+
+class EvaluatePaths(_Strict):
+    metrics: Path
+    predictions: Path
+
+
+class RegisterPaths(_Strict):
+    package: Path
+
+
+class Paths(_Strict):
+    ingest: IngestPaths
+    split: SplitPaths
+    pretrain: TrainPaths
+    finetune: TrainPaths
+    evaluate: EvaluatePaths
+    # "register" would shadow BaseModel.register (from ABCMeta); the YAML key stays "register".
+    registry: RegisterPaths = Field(alias="register")
+
+
+class Source(_Strict):
+    uri: Path
+    max_reject_fraction: float = Field(default=0.05, ge=0, le=1)
+
+    @field_validator("uri")
+    @classmethod
+    def _folder_exists(cls, uri: Path) -> Path:
+        if not uri.is_dir():
+            raise ValueError(f"source folder {str(uri)!r} does not exist or is not a folder")
+        return uri
+
+
+class Sources(_Strict):
+    pretrain: Source
+    target: Source
+
+
+class Ingest(_Strict):
+    sources: Sources
+    min_side: int = Field(default=8, ge=1)
+    max_pixels: int = Field(default=89_478_485, ge=1)
+
+
+class Fractions(_Strict):
+    train: float = Field(gt=0, le=1)
+    val: float = Field(gt=0, le=1)
+    test: float = Field(ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> Fractions:
+        total = self.train + self.val + self.test
+        if not math.isclose(total, 1.0, abs_tol=1e-6):
+            raise ValueError(f"train + val + test must sum to 1, got {total:g}")
+        return self
+
+
+class Split(_Strict):
+    pretrain: Fractions
+    target: Fractions
+
+    def for_role(self, role: Role) -> Fractions:
+        return self.pretrain if role == "pretrain" else self.target
+
+
+class Augment(_Strict):
+    rotation: float = Field(default=0, ge=0, le=180)
+    translate: float = Field(default=0, ge=0, lt=1)
+    hflip: bool = False
+
+
+class Pretrain(_Strict):
+    arch: str
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(default=0, ge=0)
+    patience: int = Field(ge=1)
+    augment: Augment
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, arch: str) -> str:
+        from tasks.models import check_arch  # torchvision import only when validating
+
+        check_arch(arch)
+        return arch
+
+
+class HeadPhase(_Strict):
+    epochs: int = Field(ge=1)
+    lr: float = Field(gt=0)
+
+
+class UnfreezePhase(_Strict):
+    blocks: int = Field(ge=0)
+    epochs: int = Field(ge=0)
+    lr: float = Field(gt=0)
+    head_lr: float = Field(gt=0)
+
+
+class Finetune(_Strict):
+    batch_size: int = Field(ge=1)
+    patience: int = Field(ge=1)
+    augment: Augment
+    head: HeadPhase
+    unfreeze: UnfreezePhase
+
+
+class Evaluate(_Strict):
+    batch_size: int = Field(ge=1)
+
+
+class Register(_Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*[a-z0-9]$")
+    min_accuracy: float = Field(ge=0, le=1)
+    min_class_recall: float = Field(ge=0, le=1)
+
+
+class Params(_Strict):
+    common: Common
+    paths: Paths
+    ingest: Ingest
+    split: Split
+    pretrain: Pretrain
+    finetune: Finetune
+    evaluate: Evaluate
+    registry: Register = Field(alias="register")  # see Paths.registry
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"])
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif item["type"] == "missing":
+            message = "missing key"
+        lines.append(f"  {key}: {message}")
+    return "\n".join(lines)
+
+
+def parse_params(raw: object, origin: str = "params") -> Params:
+    """Validate an already-parsed params mapping."""
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{origin}: expected a mapping of sections at the top level")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as error:
+        raise ParamsError(f"{origin} has bad settings:\n{_describe(error)}") from None
+
+
+def load_params(path: Path = DEFAULT_PARAMS) -> Params:
+    """Read and validate params.yaml; raise ParamsError naming every bad key."""
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ParamsError(f"{path} not found (run from the project root)") from None
+    except yaml.YAMLError as error:
+        raise ParamsError(f"{path} is not valid YAML: {error}") from None
+    return parse_params(raw, origin=str(path))

@@ -1,0 +1,143 @@
+"""Stage ``register``: gate the model on its test metrics and package it with a model card.
+
+The package (``paths.register.package``) holds ``model.pt`` (the fine-tuned checkpoint, loadable
+with ``torch.load(weights_only=True)``), ``model_card.json`` and ``model_card.md``. When the gate
+fails the stage fails, naming each metric that missed its threshold, and writes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from tasks import atomic
+from tasks.checkpoints import load_checkpoint
+from tasks.config import Params, Register, load_params
+from tasks.errors import GraftError, run_main
+from tasks.hashing import file_sha256
+from tasks.ingested import manifest_path
+
+
+class GateError(GraftError):
+    """The model's metrics do not meet the thresholds in params (register.*)."""
+
+
+def gate_failures(metrics: dict[str, Any], settings: Register) -> list[str]:
+    """Why the model may not be registered; empty when it passes."""
+    failures = []
+    if metrics["accuracy"] < settings.min_accuracy:
+        failures.append(
+            f"accuracy {metrics['accuracy']:.4f} < register.min_accuracy {settings.min_accuracy}"
+        )
+    for label, scores in metrics["per_class"].items():
+        if scores["recall"] < settings.min_class_recall:
+            failures.append(
+                f"recall of class {label!r} {scores['recall']:.4f} < "
+                f"register.min_class_recall {settings.min_class_recall}"
+            )
+    return failures
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def model_card(params: Params, metrics: dict[str, Any]) -> dict[str, Any]:
+    """Everything a user of the model needs, and the hashes of what produced it."""
+    paths = params.paths
+    _, meta = load_checkpoint(paths.finetune.checkpoint)
+    _, backbone = load_checkpoint(paths.pretrain.checkpoint)
+    return {
+        "name": params.registry.name,
+        "architecture": meta.arch,
+        "classes": meta.classes,
+        "input": {
+            "image_size": meta.image_size,
+            "channels": "RGB",
+            "resize": "whole image resized to a square, bilinear",
+            "scale": "pixel values / 255",
+            "mean": meta.mean,
+            "std": meta.std,
+        },
+        "metrics": metrics,
+        "training": {
+            "init": meta.init,
+            "best_epoch": meta.epoch,
+            "best_phase": meta.extra.get("best_phase"),
+            "validation": meta.metrics,
+            "backbone": {"arch": backbone.arch, "classes": backbone.classes, "init": backbone.init},
+        },
+        "data": {
+            "ingest": read_json(paths.ingest.metrics),
+            "split": read_json(paths.split.metrics),
+        },
+        "params": {
+            "common": params.common.model_dump(mode="json"),
+            "pretrain": params.pretrain.model_dump(mode="json"),
+            "finetune": params.finetune.model_dump(mode="json"),
+            "register": params.registry.model_dump(mode="json"),
+        },
+        "inputs_sha256": {
+            "manifest": file_sha256(manifest_path(paths.ingest.dataset)),
+            "splits": file_sha256(paths.split.splits),
+            "pretrained_weights": file_sha256(paths.pretrain.checkpoint),
+            "weights": file_sha256(paths.finetune.checkpoint),
+        },
+    }
+
+
+def render_markdown(card: dict[str, Any]) -> str:
+    metrics = card["metrics"]
+    lines = [
+        f"# Model card: {card['name']}",
+        "",
+        f"- Architecture: `{card['architecture']}`, fine-tuned from `{card['training']['init']}`",
+        f"- Classes ({len(card['classes'])}): {', '.join(card['classes'])}",
+        f"- Input: {card['input']['image_size']} px RGB, mean {card['input']['mean']}, "
+        f"std {card['input']['std']}",
+        f"- Test accuracy: {metrics['accuracy']:.4f}, macro F1: {metrics['macro_f1']:.4f} "
+        f"({metrics['test_images']} images)",
+        "",
+        "| class | precision | recall | F1 | support |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for label, scores in metrics["per_class"].items():
+        lines.append(
+            f"| {label} | {scores['precision']:.3f} | {scores['recall']:.3f} | "
+            f"{scores['f1']:.3f} | {scores['support']} |"
+        )
+    lines += ["", "## Inputs (sha256)", ""]
+    lines += [f"- {name}: `{digest}`" for name, digest in card["inputs_sha256"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def register(params: Params) -> dict[str, Any]:
+    """Gate on the evaluation metrics, then write the package atomically; return the card."""
+    metrics = read_json(params.paths.evaluate.metrics)
+    failures = gate_failures(metrics, params.registry)
+    if failures:
+        raise GateError("model not registered, gate failed:\n  " + "\n  ".join(failures))
+    card = model_card(params, metrics)
+    with atomic.atomic_path(params.paths.registry.package, directory=True) as package:
+        shutil.copyfile(params.paths.finetune.checkpoint, package / "model.pt")
+        (package / "model_card.json").write_text(
+            json.dumps(card, indent=2) + "\n", encoding="utf-8"
+        )
+        (package / "model_card.md").write_text(render_markdown(card), encoding="utf-8")
+    return card
+
+
+def main() -> None:
+    card = register(load_params())
+    print(
+        f"registered {card['name']}: accuracy {card['metrics']['accuracy']:.4f}, "
+        f"weights sha256 {card['inputs_sha256']['weights'][:12]}",
+        file=sys.stderr,
+    )
+
+
+if __name__ == "__main__":
+    run_main(main)

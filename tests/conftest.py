@@ -1,0 +1,104 @@
+"""Shared fixtures: tiny params, small real image folders, and a real git + DVC project copy."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "data" / "demo"
+
+
+def tool_env() -> dict[str, str]:
+    """Environment for subprocesses: our bin dir first, so `python` and `dvc` are ours."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["DVC_NO_ANALYTICS"] = "1"
+    env.setdefault("GIT_AUTHOR_NAME", "graft tests")
+    env.setdefault("GIT_AUTHOR_EMAIL", "tests@graft.invalid")
+    env.setdefault("GIT_COMMITTER_NAME", "graft tests")
+    env.setdefault("GIT_COMMITTER_EMAIL", "tests@graft.invalid")
+    return env
+
+
+def run(command: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(command, cwd=cwd, env=tool_env(), capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+        )
+    return result
+
+
+def copy_demo_subset(destination: Path, per_class: int, broken: bool = True) -> Path:
+    """The first ``per_class`` demo images of every class (plus the broken files) for both roles."""
+    for role_dir in sorted(DEMO.iterdir()):
+        for class_dir in sorted(role_dir.iterdir()):
+            target = destination / role_dir.name / class_dir.name
+            target.mkdir(parents=True)
+            images = sorted(class_dir.glob("digit-*.png"))[:per_class]
+            extras = [p for p in class_dir.iterdir() if not p.name.startswith("digit-")]
+            for path in images + (extras if broken else []):
+                shutil.copy2(path, target / path.name)
+    return destination
+
+
+def tiny_params(sources: Path) -> dict[str, Any]:
+    """The project's params.yaml scaled down to seconds: 16 px, one or two epochs, tiny splits."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = copy.deepcopy(params)
+    params["common"].update(image_size=16, device="cpu")
+    params["ingest"]["sources"]["pretrain"]["uri"] = str(sources / "pretrain")
+    params["ingest"]["sources"]["target"]["uri"] = str(sources / "target")
+    params["ingest"]["sources"]["target"]["max_reject_fraction"] = 0.2
+    params["split"]["pretrain"] = {"train": 0.7, "val": 0.3, "test": 0.0}
+    params["split"]["target"] = {"train": 0.5, "val": 0.25, "test": 0.25}
+    params["pretrain"].update(epochs=2, batch_size=16)
+    params["finetune"]["head"]["epochs"] = 1
+    params["finetune"]["unfreeze"]["epochs"] = 1
+    params["register"].update(min_accuracy=0.0, min_class_recall=0.0)
+    return params
+
+
+@pytest.fixture
+def sources(tmp_path: Path) -> Path:
+    """Small real image folders (12 digits per class plus the demo's broken files)."""
+    return copy_demo_subset(tmp_path / "sources", per_class=12)
+
+
+@pytest.fixture
+def write_params(tmp_path: Path) -> Callable[[dict[str, Any]], Path]:
+    def write(params: dict[str, Any]) -> Path:
+        path = tmp_path / "params.yaml"
+        path.write_text(yaml.safe_dump(params, sort_keys=False))
+        return path
+
+    return write
+
+
+@pytest.fixture
+def dvc_project(tmp_path: Path, sources: Path) -> Path:
+    """A real git + DVC repository holding this project's pipeline, with tiny params.
+
+    The image sources live outside the repository, as a user's own folders would.
+    """
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copytree(ROOT / "tasks", repo / "tasks", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".gitignore"):
+        shutil.copy2(ROOT / name, repo / name)
+    (repo / "params.yaml").write_text(yaml.safe_dump(tiny_params(sources), sort_keys=False))
+    run(["git", "init", "-q", "-b", "main"], repo)
+    run(["dvc", "init", "-q"], repo)
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-q", "-m", "pipeline"], repo)
+    return repo

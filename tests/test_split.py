@@ -1,0 +1,101 @@
+"""Splits: stratified, seeded, byte-reproducible, leakage-free, stable as data grows."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tasks.config import Split
+from tasks.split import SplitError, make_splits
+
+
+def manifest(per_class: dict[tuple[str, str], int]) -> pd.DataFrame:
+    rows = []
+    for (role, label), count in per_class.items():
+        for i in range(count):
+            sha = hashlib.sha256(f"{role}/{label}/{i}".encode()).hexdigest()
+            rows.append(
+                dict(
+                    role=role,
+                    path=f"{label}/{i}.png",
+                    sha256=sha,
+                    label=label,
+                    width=8,
+                    height=8,
+                    mode="L",
+                    format="PNG",
+                    bytes=100,
+                    verdict="accepted",
+                    reason=None,
+                )
+            )
+    frame = pd.DataFrame(rows)
+    return frame.astype({"width": "Int64", "height": "Int64", "bytes": "Int64"})
+
+
+SETTINGS = Split.model_validate(
+    {
+        "pretrain": {"train": 0.8, "val": 0.2, "test": 0.0},
+        "target": {"train": 0.5, "val": 0.25, "test": 0.25},
+    }
+)
+
+
+@pytest.fixture
+def table() -> pd.DataFrame:
+    return manifest(
+        {("pretrain", "0"): 50, ("pretrain", "1"): 30, ("target", "a"): 40, ("target", "b"): 20}
+    )
+
+
+def test_stratified_counts(table: pd.DataFrame) -> None:
+    splits = make_splits(table, SETTINGS, seed=1)
+    counts = splits.groupby(["role", "label", "split"]).size().to_dict()
+    assert counts[("pretrain", "0", "train")] == 40 and counts[("pretrain", "0", "val")] == 10
+    assert ("pretrain", "0", "test") not in counts
+    assert counts[("target", "a", "train")] == 20 and counts[("target", "a", "test")] == 10
+    assert counts[("target", "b", "val")] == 5 and counts[("target", "b", "test")] == 5
+
+
+def test_no_image_in_two_splits(table: pd.DataFrame) -> None:
+    splits = make_splits(table, SETTINGS, seed=1)
+    assert not splits.duplicated(["role", "sha256"]).any()
+
+
+def test_same_manifest_and_seed_give_byte_identical_files(
+    table: pd.DataFrame, tmp_path: Path
+) -> None:
+    first, second = tmp_path / "a.csv", tmp_path / "b.csv"
+    make_splits(table, SETTINGS, seed=7).to_csv(first, index=False)
+    make_splits(table.sample(frac=1, random_state=3), SETTINGS, seed=7).to_csv(second, index=False)
+    assert first.read_bytes() == second.read_bytes()
+    make_splits(table, SETTINGS, seed=8).to_csv(second, index=False)
+    assert first.read_bytes() != second.read_bytes()
+
+
+def test_adding_images_moves_few_existing_ones(table: pd.DataFrame) -> None:
+    before = make_splits(table, SETTINGS, seed=1).set_index("sha256")["split"]
+    grown = manifest(
+        {("pretrain", "0"): 50, ("pretrain", "1"): 30, ("target", "a"): 44, ("target", "b"): 20}
+    )
+    after = make_splits(grown, SETTINGS, seed=1).set_index("sha256")["split"]
+    moved = (before != after.reindex(before.index)).sum()
+    assert moved <= 4  # at most one per cut per added image, never a reshuffle
+
+
+def test_too_few_images_is_a_clear_error() -> None:
+    with pytest.raises(SplitError, match=r"class 'b' of source 'target' has 2 images"):
+        make_splits(
+            manifest({("pretrain", "0"): 10, ("target", "a"): 10, ("target", "b"): 2}),
+            SETTINGS,
+            seed=1,
+        )
+
+
+def test_rejected_rows_are_not_split(table: pd.DataFrame) -> None:
+    table.loc[0, "verdict"] = "corrupt"
+    splits = make_splits(table, SETTINGS, seed=1)
+    assert table.loc[0, "sha256"] not in set(splits["sha256"])

@@ -1,0 +1,58 @@
+"""Training on real (tiny) data: deterministic on the CPU, and the frozen backbone stays frozen."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from conftest import tiny_params
+
+from tasks.config import Params, parse_params
+from tasks.finetune import finetune
+from tasks.ingest import ingest
+from tasks.pretrain import pretrain
+from tasks.split import make_splits
+
+
+@pytest.fixture
+def prepared(sources: Path, tmp_path: Path) -> tuple[Params, pd.DataFrame, Path]:
+    params = parse_params(tiny_params(sources))
+    dataset = tmp_path / "ingested"
+    manifest, _ = ingest(params.ingest, dataset)
+    return params, make_splits(manifest, params.split, params.common.seed), dataset
+
+
+def test_pretraining_is_deterministic_on_cpu(prepared: tuple[Params, pd.DataFrame, Path]) -> None:
+    params, splits, dataset = prepared
+    first = pretrain(splits, dataset, params.pretrain, params.common)
+    second = pretrain(splits, dataset, params.pretrain, params.common)
+    assert first.outcome.history == second.outcome.history  # every loss, to the last digit
+    for name, tensor in first.model.state_dict().items():
+        assert torch.equal(tensor, second.model.state_dict()[name]), name
+
+
+def test_finetune_freezes_the_backbone_in_the_head_phase(
+    prepared: tuple[Params, pd.DataFrame, Path], tmp_path: Path
+) -> None:
+    from tasks.checkpoints import save_checkpoint
+
+    params, splits, dataset = prepared
+    backbone = pretrain(splits, dataset, params.pretrain, params.common)
+    checkpoint = tmp_path / "pretrained.pt"
+    save_checkpoint(checkpoint, backbone.model, backbone.meta)
+    head_only = params.finetune.model_copy(
+        update={"unfreeze": params.finetune.unfreeze.model_copy(update={"epochs": 0})}
+    )
+    tuned = finetune(
+        splits, dataset, head_only, params.common, backbone=checkpoint, arch="resnet18"
+    )
+    before, after = backbone.model.state_dict(), tuned.model.state_dict()
+    # Every backbone tensor, BatchNorm running statistics included, is exactly as pretrained.
+    for name, tensor in before.items():
+        if not name.startswith("fc."):
+            assert torch.equal(tensor, after[name]), name
+    assert after["fc.weight"].shape[0] == 5
+    assert tuned.meta.classes == ["5", "6", "7", "8", "9"]
+    assert tuned.meta.init.startswith("checkpoint:")
