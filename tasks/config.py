@@ -98,6 +98,9 @@ class Sources(_Strict):
     pretrain: Source
     target: Source
 
+    def for_role(self, role: Role) -> Source:
+        return self.pretrain if role == "pretrain" else self.target
+
 
 class Ingest(_Strict):
     sources: Sources

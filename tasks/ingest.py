@@ -98,7 +98,7 @@ def ingest(settings: Ingest, dataset: Path) -> tuple[pd.DataFrame, dict[str, dic
     """Verify all sources, store the accepted images and the manifest in ``dataset``."""
     reports: dict[str, FolderReport] = {}
     for role in ROLES:
-        source = getattr(settings.sources, role)
+        source = settings.sources.for_role(role)
         reports[role] = verify_folder(
             source.uri, min_side=settings.min_side, max_pixels=settings.max_pixels
         )
@@ -106,7 +106,7 @@ def ingest(settings: Ingest, dataset: Path) -> tuple[pd.DataFrame, dict[str, dic
     manifest = build_manifest(reports)
     with atomic.atomic_path(dataset, directory=True) as staging:
         for role in ROLES:
-            store_images(getattr(settings.sources, role).uri, reports[role], staging)
+            store_images(settings.sources.for_role(role).uri, reports[role], staging)
         manifest.to_csv(manifest_path(staging), index=False, lineterminator="\n")
     return manifest, summarise(reports)
 
