@@ -1,62 +1,88 @@
-"""What pretraining buys: the finetune recipe from the pretrained backbone vs from scratch.
+"""What pretraining buys: the finetune recipe from the pretrained backbone vs from random weights.
 
-Runs on the workspace's pipeline outputs (run ``dvc repro`` first): the same target splits,
-the same finetune params, once starting from ``paths.pretrain.checkpoint`` and once from random
-weights. Prints a table and, last, one JSON line with the figures.
+Uses the workspace's pipeline outputs (run ``dvc repro`` first): the ingested dataset, the
+pretrained checkpoint and the finetune params. For each seed it re-splits the target source
+with that seed, fine-tunes twice with the same recipe (once from ``paths.pretrain.checkpoint``,
+once from random weights) and scores both on the test split. Few-shot results swing with the
+draw of the training images, so several seeds are the default. Prints a table and, last, one
+JSON line with the figures.
+
+    python benchmarks/transfer_gain.py --seeds 1 2 3 --train-fraction 0.06
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
-from tasks import schemas
-from tasks.config import load_params
+from tasks.config import Fractions, load_params
 from tasks.evaluate import evaluate
 from tasks.finetune import finetune
+from tasks.ingested import read_manifest
+from tasks.split import make_splits
+
+STARTS = ("pretrained", "scratch")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument(
+        "--train-fraction",
+        type=float,
+        help="override split.target.train (val kept, test takes the rest)",
+    )
     arguments = parser.parse_args()
     params = load_params(arguments.params)
-    splits = schemas.read_table(params.paths.split.splits, schemas.SPLITS_TABLE)
+    split_settings = params.split
+    if arguments.train_fraction is not None:
+        val = split_settings.target.val
+        target = Fractions(
+            train=arguments.train_fraction, val=val, test=1 - val - arguments.train_fraction
+        )
+        split_settings = split_settings.model_copy(update={"target": target})
+    manifest = read_manifest(params.paths.ingest.dataset)
     dataset = params.paths.ingest.dataset
-    figures: dict[str, float] = {}
-    for name, backbone in (("pretrained", params.paths.pretrain.checkpoint), ("scratch", None)):
-        started = time.perf_counter()
-        trained = finetune(
-            splits,
-            dataset,
-            params.finetune,
-            params.common,
-            backbone=backbone,
-            arch=params.pretrain.arch,
-        )
-        _, metrics = evaluate(
-            trained.model,
-            trained.meta,
-            splits,
-            dataset,
-            params.common,
-            batch_size=params.evaluate.batch_size,
-        )
-        figures[f"{name}_accuracy"] = float(metrics["accuracy"])  # type: ignore[arg-type]
-        figures[f"{name}_macro_f1"] = float(metrics["macro_f1"])  # type: ignore[arg-type]
-        figures[f"{name}_seconds"] = round(time.perf_counter() - started, 1)
-    figures["transfer_gain"] = figures["pretrained_accuracy"] - figures["scratch_accuracy"]
-    train_images = int((splits.query("role == 'target' and split == 'train'")).shape[0])
-    print(f"\ntarget train images: {train_images}")
-    print(f"{'start':<12}{'accuracy':>10}{'macro F1':>10}{'seconds':>9}")
-    for name in ("pretrained", "scratch"):
+    accuracy: dict[str, list[float]] = {start: [] for start in STARTS}
+    seconds: dict[str, float] = dict.fromkeys(STARTS, 0.0)
+    train_images = 0
+    for seed in arguments.seeds:
+        common = params.common.model_copy(update={"seed": seed})
+        splits = make_splits(manifest, split_settings, seed)
+        train_images = int(((splits["role"] == "target") & (splits["split"] == "train")).sum())
+        for start in STARTS:
+            started = time.perf_counter()
+            backbone = params.paths.pretrain.checkpoint if start == "pretrained" else None
+            trained = finetune(
+                splits, dataset, params.finetune, common,
+                backbone=backbone, arch=params.pretrain.arch,
+            )  # fmt: skip
+            _, metrics = evaluate(
+                trained.model, trained.meta, splits, dataset, common,
+                batch_size=params.evaluate.batch_size,
+            )  # fmt: skip
+            accuracy[start].append(float(metrics["accuracy"]))  # type: ignore[arg-type]
+            seconds[start] += time.perf_counter() - started
+            print(f"seed {seed} {start}: test accuracy {accuracy[start][-1]:.4f}", flush=True)
+
+    figures: dict[str, object] = {"seeds": arguments.seeds, "target_train_images": train_images}
+    print(f"\ntarget train images: {train_images} (seeds {arguments.seeds})")
+    print(f"{'start':<12}{'mean acc':>10}{'min':>8}{'max':>8}{'seconds':>9}")
+    for start in STARTS:
+        values = accuracy[start]
+        figures[f"{start}_accuracy_mean"] = statistics.fmean(values)
+        figures[f"{start}_accuracies"] = values
         print(
-            f"{name:<12}{figures[name + '_accuracy']:>10.4f}{figures[name + '_macro_f1']:>10.4f}"
-            f"{figures[name + '_seconds']:>9.1f}"
+            f"{start:<12}{statistics.fmean(values):>10.4f}{min(values):>8.4f}"
+            f"{max(values):>8.4f}{seconds[start]:>9.1f}"
         )
-    print(f"transfer gain (accuracy): {figures['transfer_gain']:+.4f}")
+    gains = [p - s for p, s in zip(accuracy["pretrained"], accuracy["scratch"], strict=True)]
+    figures["transfer_gain_mean"] = statistics.fmean(gains)
+    print(f"transfer gain (accuracy, mean over seeds): {statistics.fmean(gains):+.4f}")
     print(json.dumps(figures))
 
 
