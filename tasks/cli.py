@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import sys
+from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
-from tasks.config import DEFAULT_PARAMS, load_params
-from tasks.errors import run_main
+from tasks.config import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, DEFAULT_PARAMS, load_params
+from tasks.errors import GraftError, run_main
 
 
 def _check(arguments: argparse.Namespace) -> None:
@@ -21,6 +26,30 @@ def _demo(arguments: argparse.Namespace) -> None:
     print(f"demo written to {arguments.out}: {counts}")
 
 
+def _verify(arguments: argparse.Namespace) -> None:
+    from tasks.verify import CheckSettings, verify_folder
+
+    if not arguments.folder.is_dir():
+        raise GraftError(f"{arguments.folder} is not a folder")
+    settings = CheckSettings(min_side=arguments.min_side, max_pixels=arguments.max_pixels)
+    report = verify_folder(arguments.folder, settings, workers=arguments.workers)
+    if arguments.json:
+        json.dump([asdict(record) for record in report.records], sys.stdout, indent=1)
+        print()
+    else:
+        print("path\tlabel\tverdict\treason\tsha256")
+        for r in report.records:
+            print(f"{r.path}\t{r.label}\t{r.verdict}\t{r.reason}\t{r.sha256 or ''}")
+    verdicts = Counter(record.verdict for record in report.records)
+    counts = ", ".join(f"{verdict} {n}" for verdict, n in verdicts.most_common())
+    skipped = sum(report.skipped.values())
+    print(
+        f"{len(report.records)} files in {arguments.folder}: {counts or 'none'}; "
+        f"{skipped} hidden or stray files skipped",
+        file=sys.stderr,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="graft", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -28,6 +57,19 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="validate params.yaml without running anything")
     check.add_argument("--params", type=Path, default=DEFAULT_PARAMS)
     check.set_defaults(handler=_check)
+
+    verify = commands.add_parser(
+        "verify",
+        help="verify every image of a folder in ImageFolder layout (<folder>/<class>/<image>)",
+        description="One line per file (tab-separated, or --json); a summary on stderr. "
+        "Reads only: nothing in the folder is changed.",
+    )
+    verify.add_argument("folder", type=Path)
+    verify.add_argument("--json", action="store_true", help="print a JSON list of records")
+    verify.add_argument("--min-side", type=int, default=DEFAULT_MIN_SIDE)
+    verify.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    verify.add_argument("--workers", type=int, default=0, help="threads (0: one per core)")
+    verify.set_defaults(handler=_verify)
 
     demo = commands.add_parser("demo", help="(re)write the built-in digits demo images")
     demo.add_argument("--out", type=Path, default=Path("data/demo"))
@@ -37,7 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     arguments = build_parser().parse_args(argv)
-    run_main(lambda: arguments.handler(arguments))
+    try:
+        run_main(lambda: arguments.handler(arguments))
+    except BrokenPipeError:  # output piped into `head` and friends: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
 
 
 if __name__ == "__main__":

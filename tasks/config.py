@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tasks.errors import GraftError
 
 DEFAULT_PARAMS = Path("params.yaml")
+DEFAULT_MIN_SIDE = 8
+DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold
 Role = Literal["pretrain", "target"]
 ROLES: tuple[Role, ...] = ("pretrain", "target")
 
@@ -49,11 +51,14 @@ class Common(_Strict):
 class IngestPaths(_Strict):
     dataset: Path
     rejected: Path
+    summary: Path
     metrics: Path
+    cache: Path  # not a pipeline output: ingest's private, content-keyed speed-up
 
 
 class SplitPaths(_Strict):
     splits: Path
+    summary: Path
     metrics: Path
 
 
@@ -104,8 +109,9 @@ class Sources(_Strict):
 
 class Ingest(_Strict):
     sources: Sources
-    min_side: int = Field(default=8, ge=1)
-    max_pixels: int = Field(default=89_478_485, ge=1)
+    min_side: int = Field(default=DEFAULT_MIN_SIDE, ge=1)
+    max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1)
+    workers: int = Field(default=0, ge=0)  # 0: one per available core
 
 
 class Fractions(_Strict):

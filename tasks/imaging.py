@@ -57,12 +57,36 @@ def check_image_bytes(data: bytes, *, min_side: int, max_pixels: int) -> ImageCh
     return ImageCheck("accepted", "", **found)
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Normalise any decodable mode to 8-bit RGB.
+
+    16-bit and 32-bit grayscale are scaled by their actual range (Pillow's own conversion
+    clips them to white); transparency is composited onto black, so a transparent pixel
+    carries no signal whatever colour it happens to store.
+    """
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") else max(float(values.max()), 1.0)
+        gray = np.clip(values * (255.0 / peak), 0, 255).round().astype(np.uint8)
+        return Image.fromarray(gray).convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
 def load_rgb(path: Path, size: int) -> np.ndarray:
-    """Decode as an RGB ``size`` x ``size`` uint8 array (H, W, 3), EXIF rotation applied."""
+    """Decode as an RGB ``size`` x ``size`` uint8 array (H, W, 3), EXIF rotation applied.
+
+    Multi-frame files (GIF, TIFF, ...) contribute their first frame.
+    """
     with Image.open(path) as image:
         image.seek(0)
         upright = ImageOps.exif_transpose(image)
-        rgb = upright.convert("RGB")
+        rgb = to_rgb(upright)
         # Resize the whole image to a square (no crop), so nothing a label depends on is cut.
         resized = rgb.resize((size, size), Image.Resampling.BILINEAR)
         return np.array(resized, dtype=np.uint8)  # a writable copy, as torch expects

@@ -2,11 +2,14 @@
 
 Output: ``paths.ingest.dataset`` holds ``manifest.csv`` (every file seen, with its verdict) and
 ``images/<sha256[:2]>/<sha256>`` (each accepted image's exact bytes, stored once). DVC versions
-that folder, so the images behind any past model can be fetched again.
+that folder, so the images behind any past model can be fetched again. Reports for people go to
+``paths.ingest.rejected`` (CSV) and ``paths.ingest.summary`` (Markdown).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 from collections import Counter
 from dataclasses import asdict
@@ -18,13 +21,15 @@ import pandas as pd
 from tasks import atomic, schemas
 from tasks.config import ROLES, Ingest, Params, load_params
 from tasks.errors import GraftError, run_main
-from tasks.hashing import sha256_hex
 from tasks.ingested import image_path, manifest_path
-from tasks.verify import FolderReport, verify_folder
+from tasks.verify import CheckSettings, FolderReport, verify_folder
+from tasks.verify_cache import VerifyCache
+
+NOT_COUNTED = ("accepted", "duplicate")  # verdicts that do not use up the rejection budget
 
 
 class IngestError(GraftError):
-    """A source broke the rejection budget or changed while being ingested."""
+    """A source broke its rejection budget."""
 
 
 def build_manifest(reports: dict[str, FolderReport]) -> pd.DataFrame:
@@ -33,8 +38,7 @@ def build_manifest(reports: dict[str, FolderReport]) -> pd.DataFrame:
         for role, report in reports.items()
         for record in report.records
     ]
-    columns = list(schemas.MANIFEST.columns)
-    frame = pd.DataFrame(rows, columns=columns)
+    frame = pd.DataFrame(rows, columns=list(schemas.MANIFEST.columns))
     frame = frame.astype({"width": "Int64", "height": "Int64", "bytes": "Int64"})
     frame["reason"] = frame["reason"].replace("", None)
     return schemas.validate(frame, schemas.MANIFEST, where="ingest")
@@ -42,7 +46,7 @@ def build_manifest(reports: dict[str, FolderReport]) -> pd.DataFrame:
 
 def check_reject_budget(role: str, report: FolderReport, budget: float) -> None:
     """Fail when too many of a source's files are bad (duplicates are benign, not counted)."""
-    bad = [r for r in report.records if r.verdict not in ("accepted", "duplicate")]
+    bad = [r for r in report.records if r.verdict not in NOT_COUNTED]
     seen = len(report.records)
     fraction = len(bad) / seen if seen else 0.0
     if fraction > budget:
@@ -54,72 +58,92 @@ def check_reject_budget(role: str, report: FolderReport, budget: float) -> None:
         )
 
 
-def describe_counts(counts: dict[str, Any]) -> str:
-    rejected = ", ".join(
-        f"{v}: {n}" for v, n in counts["verdicts"].items() if n and v != "accepted"
-    )
-    return (
-        f"{counts['files']} files, {counts['accepted']} accepted in {counts['classes']} classes, "
-        f"{counts['rejected']} rejected ({rejected or 'none'}), {counts['skipped']} skipped"
-    )
-
-
 def summarise(reports: dict[str, FolderReport]) -> dict[str, dict[str, Any]]:
+    """Counts per role: files, verdicts, accepted images per class (the metrics file)."""
     summary: dict[str, dict[str, Any]] = {}
     for role, report in reports.items():
         verdicts = Counter(record.verdict for record in report.records)
         accepted = report.accepted()
+        per_class = Counter(record.label for record in accepted)
         summary[role] = {
             "files": len(report.records),
             "accepted": len(accepted),
             "rejected": len(report.records) - len(accepted),
             "skipped": sum(report.skipped.values()),
-            "classes": len({record.label for record in accepted}),
+            "classes": len(per_class),
             "verdicts": {verdict: verdicts.get(verdict, 0) for verdict in schemas.VERDICTS},
+            "accepted_per_class": dict(sorted(per_class.items())),
         }
     return summary
 
 
-def store_images(source_root: Path, report: FolderReport, dataset: Path) -> None:
-    """Copy each accepted image's bytes under its hash, checking the content did not change."""
-    for record in report.accepted():
-        assert record.sha256 is not None  # accepted records always carry their hash
-        data = (source_root / record.path).read_bytes()
-        if sha256_hex(data) != record.sha256:
-            raise IngestError(
-                f"{source_root / record.path} changed while being ingested; run again"
-            )
-        target = image_path(dataset, record.sha256)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
-
-
-def ingest(settings: Ingest, dataset: Path) -> tuple[pd.DataFrame, dict[str, dict[str, Any]]]:
-    """Verify all sources, store the accepted images and the manifest in ``dataset``."""
-    reports: dict[str, FolderReport] = {}
-    for role in ROLES:
-        source = settings.sources.for_role(role)
-        reports[role] = verify_folder(
-            source.uri, min_side=settings.min_side, max_pixels=settings.max_pixels
+def render_summary(manifest: pd.DataFrame, reports: dict[str, FolderReport]) -> str:
+    """The Markdown report: files per class and verdict for each role, and what was skipped."""
+    lines = ["# Ingest summary", ""]
+    for role, report in reports.items():
+        rows = manifest[manifest["role"] == role]
+        table = pd.crosstab(rows["label"], rows["verdict"]).reindex(
+            columns=[v for v in schemas.VERDICTS if v in set(rows["verdict"])]
         )
-        check_reject_budget(role, reports[role], source.max_reject_fraction)
-    manifest = build_manifest(reports)
-    with atomic.atomic_path(dataset, directory=True) as staging:
+        lines += [f"## {role}", "", f"{len(rows)} files, {report.decoded} decoded in this run."]
+        if report.skipped:
+            skipped = ", ".join(f"{reason}: {n}" for reason, n in sorted(report.skipped.items()))
+            lines.append(f"Skipped: {skipped}.")
+        lines += ["", "| class | " + " | ".join(table.columns) + " |"]
+        lines.append("| --- " * (len(table.columns) + 1) + "|")
+        for label, counts in table.iterrows():
+            lines.append(f"| {label} | " + " | ".join(str(n) for n in counts) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """Hard-link when possible (no bytes copied), else copy."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:  # another filesystem, or links not supported
+        shutil.copyfile(source, target)
+
+
+def ingest(
+    settings: Ingest, dataset: Path, cache_folder: Path
+) -> tuple[pd.DataFrame, dict[str, FolderReport]]:
+    """Verify all sources and write ``dataset`` (images by hash + manifest) atomically."""
+    check = CheckSettings(min_side=settings.min_side, max_pixels=settings.max_pixels)
+    reports: dict[str, FolderReport] = {}
+    with VerifyCache(cache_folder) as cache:
         for role in ROLES:
-            store_images(settings.sources.for_role(role).uri, reports[role], staging)
-        manifest.to_csv(manifest_path(staging), index=False, lineterminator="\n")
-    return manifest, summarise(reports)
+            source = settings.sources.for_role(role)
+            reports[role] = verify_folder(
+                source.uri, check, cache=cache, workers=settings.workers, what=f"verify {role}"
+            )
+            check_reject_budget(role, reports[role], source.max_reject_fraction)
+        manifest = build_manifest(reports)
+        with atomic.atomic_path(dataset, directory=True) as staging:
+            for sha256 in sorted(set(manifest.loc[manifest["verdict"] == "accepted", "sha256"])):
+                link_or_copy(cache.object_path(sha256), image_path(staging, sha256))
+            manifest.to_csv(manifest_path(staging), index=False, lineterminator="\n")
+    return manifest, reports
 
 
 def main() -> None:
     params: Params = load_params()
     paths = params.paths.ingest
-    manifest, summary = ingest(params.ingest, paths.dataset)
+    manifest, reports = ingest(params.ingest, paths.dataset, paths.cache)
     rejected = manifest[manifest["verdict"] != "accepted"]
     atomic.write_csv(paths.rejected, rejected)
+    atomic.write_text(paths.summary, render_summary(manifest, reports))
+    summary = summarise(reports)
     atomic.write_json(paths.metrics, summary)
     for role, counts in summary.items():
-        print(f"ingest {role}: {describe_counts(counts)}", file=sys.stderr)
+        print(
+            f"ingest {role}: {counts['files']} files, {counts['accepted']} accepted in "
+            f"{counts['classes']} classes, {counts['rejected']} rejected, "
+            f"{counts['skipped']} skipped; {reports[role].decoded} decoded, "
+            f"{counts['files'] - reports[role].decoded} verdicts reused from the cache",
+            file=sys.stderr,
+        )
     for row in rejected.itertuples():
         print(f"  rejected {row.role}/{row.path}: {row.verdict} ({row.reason})", file=sys.stderr)
 

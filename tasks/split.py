@@ -74,12 +74,27 @@ def count_table(splits: pd.DataFrame) -> dict[str, dict[str, dict[str, object]]]
     return counts
 
 
+def render_summary(splits: pd.DataFrame) -> str:
+    """The Markdown report: images per class in each split, for each role."""
+    lines = ["# Split summary", ""]
+    for role, rows in splits.groupby("role", sort=True):
+        table = pd.crosstab(rows["label"], rows["split"], margins=True, margins_name="total")
+        table = table.reindex(columns=[c for c in (*schemas.SPLITS, "total") if c in table])
+        lines += [f"## {role}", "", "| class | " + " | ".join(table.columns) + " |"]
+        lines.append("| --- " * (len(table.columns) + 1) + "|")
+        for label, counts in table.iterrows():
+            lines.append(f"| {label} | " + " | ".join(str(n) for n in counts) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main() -> None:
     params: Params = load_params()
     manifest = read_manifest(params.paths.ingest.dataset)
     splits = make_splits(manifest, params.split, params.common.seed)
     atomic.write_csv(params.paths.split.splits, splits)
     atomic.write_json(params.paths.split.metrics, count_table(splits))
+    atomic.write_text(params.paths.split.summary, render_summary(splits))
     print(splits.groupby(["role", "split"]).size().to_string())
 
 

@@ -7,8 +7,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tasks.config import Split
+from tasks.schemas import SPLITS_TABLE, TableError, read_table
 from tasks.split import SplitError, make_splits
 
 
@@ -99,3 +102,45 @@ def test_rejected_rows_are_not_split(table: pd.DataFrame) -> None:
     table.loc[0, "verdict"] = "corrupt"
     splits = make_splits(table, SETTINGS, seed=1)
     assert table.loc[0, "sha256"] not in set(splits["sha256"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.integers(min_value=1, max_value=60), min_size=1, max_size=5),
+    train=st.floats(min_value=0.3, max_value=0.8),
+    val=st.floats(min_value=0.05, max_value=0.2),
+    seed=st.integers(min_value=0, max_value=2**31),
+)
+def test_split_properties(sizes: list[int], train: float, val: float, seed: int) -> None:
+    fractions = {"train": train, "val": val, "test": 1 - train - val}
+    settings_ = Split.model_validate({"pretrain": fractions, "target": fractions})
+    counts = {("pretrain", "p"): 10}
+    counts.update({("target", f"class {i}"): n for i, n in enumerate(sizes)})
+    table = manifest(counts)
+    try:
+        splits = make_splits(table, settings_, seed)
+    except SplitError as error:
+        assert "too few" in str(error)
+        assert min(sizes) < 5 or min(sizes) * train < 2  # only tiny classes may be refused
+        return
+    # Every accepted image exactly once, in one split.
+    assert sorted(splits["sha256"]) == sorted(table["sha256"])
+    for (role, label), group in splits.groupby(["role", "label"]):
+        size = counts[(str(role), str(label))]
+        got = group["split"].value_counts().to_dict()
+        assert got.get("train", 0) >= 1 and got.get("val", 0) >= 1
+        for name in ("val", "test"):
+            expected = fractions[name] * size
+            assert abs(got.get(name, 0) - expected) <= 1, (name, got, size)
+    # Independent of the order rows arrive in.
+    shuffled = make_splits(table.sample(frac=1, random_state=seed % 1000), settings_, seed)
+    assert shuffled.equals(splits)
+
+
+def test_a_damaged_splits_file_is_a_clear_error(table: pd.DataFrame, tmp_path: Path) -> None:
+    path = tmp_path / "splits.csv"
+    splits = make_splits(table, SETTINGS, seed=1)
+    splits.loc[3, "split"] = "training"
+    splits.to_csv(path, index=False)
+    with pytest.raises(TableError, match=r"splits table is invalid(.|\n)*training"):
+        read_table(path, SPLITS_TABLE)

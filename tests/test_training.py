@@ -20,7 +20,7 @@ from tasks.split import make_splits
 def prepared(sources: Path, tmp_path: Path) -> tuple[Params, pd.DataFrame, Path]:
     params = parse_params(tiny_params(sources))
     dataset = tmp_path / "ingested"
-    manifest, _ = ingest(params.ingest, dataset)
+    manifest, _ = ingest(params.ingest, dataset, tmp_path / "cache")
     return params, make_splits(manifest, params.split, params.common.seed), dataset
 
 

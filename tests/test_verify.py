@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import io
+import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run
 from PIL import Image
 
-from tasks.verify import FileRecord, verify_folder
+from tasks.imaging import load_rgb
+from tasks.verify import CHUNK, CheckSettings, FileRecord, verify_folder
+from tasks.verify_cache import VerifyCache
+
+SETTINGS = CheckSettings(min_side=8, max_pixels=10_000)
 
 
 def image_bytes(
@@ -58,7 +65,7 @@ def folder(tmp_path: Path) -> Path:
 
 
 def test_every_file_gets_a_verdict_with_reason(folder: Path) -> None:
-    report = verify_folder(folder, min_side=8, max_pixels=10_000)
+    report = verify_folder(folder, SETTINGS)
     found = verdicts(report.records)
     assert found["cat/good.jpg"] == ("accepted", "")
     assert found["cat/png-named.jpg"] == ("accepted", "")
@@ -81,7 +88,7 @@ def test_truncated_jpeg_passes_header_check_but_fails_full_decode(folder: Path) 
     # The reason this project decodes fully: Image.verify() accepts this file.
     with Image.open(folder / "cat" / "truncated.jpg") as image:
         image.verify()
-    report = verify_folder(folder, min_side=8, max_pixels=10_000)
+    report = verify_folder(folder, SETTINGS)
     assert verdicts(report.records)["cat/truncated.jpg"][0] == "corrupt"
 
 
@@ -89,14 +96,14 @@ def test_too_large_is_rejected_before_decoding(tmp_path: Path) -> None:
     root = tmp_path / "images"
     big = image_bytes("PNG", size=(200, 100))
     put(root, "a/big.png", big)
-    record = verify_folder(root, min_side=8, max_pixels=19_999).records[0]
+    record = verify_folder(root, CheckSettings(min_side=8, max_pixels=19_999)).records[0]
     assert record.verdict == "too_large"
     assert "20000 pixels > max_pixels 19999" in record.reason
     assert (record.width, record.height) == (200, 100)
 
 
 def test_accepted_records_carry_what_the_manifest_needs(folder: Path) -> None:
-    report = verify_folder(folder, min_side=8, max_pixels=10_000)
+    report = verify_folder(folder, SETTINGS)
     good = next(r for r in report.records if r.path == "cat/good.jpg")
     data = (folder / "cat" / "good.jpg").read_bytes()
     assert (good.width, good.height, good.mode, good.format) == (64, 48, "RGB", "JPEG")
@@ -105,6 +112,121 @@ def test_accepted_records_carry_what_the_manifest_needs(folder: Path) -> None:
 
 def test_source_folder_is_never_modified(folder: Path) -> None:
     before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.rglob("*") if p.is_file()}
-    verify_folder(folder, min_side=8, max_pixels=10_000)
+    verify_folder(folder, SETTINGS)
     after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.rglob("*") if p.is_file()}
     assert before == after
+
+
+def _save(image: Image.Image, fmt: str, **options: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def odd_but_valid_images() -> dict[str, bytes]:
+    """Valid images in unusual forms: each must be accepted and normalised, not rejected."""
+    rgba = Image.new("RGBA", (20, 10), (255, 0, 0, 128))
+    palette = Image.new("P", (20, 10), 1)
+    palette.putpalette([0, 0, 0, 200, 10, 10] + [0] * 762)
+    sixteen = Image.fromarray(np.full((10, 20), 40000, dtype=np.uint16))
+    rotated = Image.new("RGB", (20, 10), (0, 0, 255))
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    frames = [Image.new("L", (20, 10), v) for v in (50, 200)]
+    return {
+        "rgba.png": _save(rgba, "PNG"),
+        "palette-transparent.png": _save(palette, "PNG", transparency=0),
+        "cmyk.jpg": _save(Image.new("CMYK", (20, 10), (0, 255, 255, 0)), "JPEG"),
+        "sixteen-bit.png": _save(sixteen, "PNG"),
+        "exif-rotated.jpg": _save(rotated, "JPEG", exif=exif),
+        "animated.gif": _save(frames[0], "GIF", save_all=True, append_images=frames[1:]),
+    }
+
+
+def test_unusual_valid_forms_are_accepted_and_normalised(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    for name, data in odd_but_valid_images().items():
+        put(root, f"odd/{name}", data)
+    found = verdicts(verify_folder(root, SETTINGS).records)
+    assert {verdict for verdict, _ in found.values()} == {"accepted"}, found
+
+    def decoded(name: str) -> np.ndarray:
+        return load_rgb(root / "odd" / name, size=16)
+
+    assert decoded("sixteen-bit.png")[0, 0].tolist() == [156, 156, 156]  # 40000/65535, not 255
+    assert decoded("rgba.png")[0, 0].tolist() == [128, 0, 0]  # half-transparent red on black
+    assert decoded("palette-transparent.png")[0, 0].tolist() == [200, 10, 10]
+    assert decoded("animated.gif")[0, 0].tolist() == [50, 50, 50]  # first frame
+    assert decoded("cmyk.jpg")[0, 0, 0] > 200  # cyan-free, magenta-free: red
+    with Image.open(root / "odd" / "exif-rotated.jpg") as image:
+        assert image.size == (20, 10)
+    upright = load_rgb(root / "odd" / "exif-rotated.jpg", size=16)
+    assert upright.shape == (16, 16, 3)
+
+
+def test_exif_rotation_is_applied_when_decoding(tmp_path: Path) -> None:
+    left_white = np.zeros((10, 20), dtype=np.uint8)
+    left_white[:, :10] = 255
+    image = Image.fromarray(left_white).convert("RGB")
+    exif = image.getexif()
+    exif[0x0112] = 6
+    path = put(tmp_path, "a/x.png", _save(image, "PNG", exif=exif))
+    pixels = load_rgb(path, size=20)
+    # Rotated 90 degrees clockwise, the white left half becomes the top half.
+    assert pixels[2, 10, 0] > 200 and pixels[17, 10, 0] < 50
+
+
+def test_names_with_spaces_unicode_and_invalid_utf8(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    put(root, "snow leopard/ünïcødé 雪豹.png", image_bytes("PNG", seed=7))
+    raw = os.path.join(os.fsencode(root), b"caf\xe9", b"latin-1 \xff.png")
+    os.makedirs(os.path.dirname(raw))
+    with open(raw, "wb") as stream:
+        stream.write(image_bytes("PNG", seed=8))
+    records = verify_folder(root, SETTINGS).records
+    assert [(r.label, r.path, r.verdict) for r in records] == [
+        ("caf\\xe9", "caf\\xe9/latin-1 \\xff.png", "accepted"),
+        ("snow leopard", "snow leopard/ünïcødé 雪豹.png", "accepted"),
+    ]
+    assert all(r.path.encode("utf-8") for r in records)  # printable, writable to CSV/JSON
+
+
+def test_parallel_and_sequential_agree(folder: Path) -> None:
+    for i in range(3 * CHUNK):  # several chunks, so the worker pool really is used
+        put(folder, f"bird/{i:03d}.png", image_bytes("PNG", size=(12, 12), seed=100 + i))
+    one = verify_folder(folder, SETTINGS, workers=1).records
+    many = verify_folder(folder, SETTINGS, workers=2).records
+    assert len(one) == 12 + 3 * CHUNK and one == many
+
+
+def test_cache_decodes_only_new_or_changed_files(folder: Path, tmp_path: Path) -> None:
+    with VerifyCache(tmp_path / "cache") as cache:
+        first = verify_folder(folder, SETTINGS, cache=cache)
+        assert first.decoded == len(first.records)
+        again = verify_folder(folder, SETTINGS, cache=cache)
+        # Only the unreadable file (a broken symlink) is tried again: failures are not cached.
+        assert again.decoded == 1 and again.records == first.records
+
+        put(folder, "dog/new.png", image_bytes("PNG", seed=9))
+        put(folder, "cat/good.jpg", image_bytes("JPEG", size=(64, 48), seed=10))  # edited
+        later = verify_folder(folder, SETTINGS, cache=cache)
+        assert later.decoded == 1 + 2
+        # The old content of good.jpg now only lives in rescan.jpg, which is kept instead.
+        assert verdicts(later.records)["cat/rescan.jpg"] == ("accepted", "")
+
+        stricter = verify_folder(folder, CheckSettings(min_side=40, max_pixels=10_000), cache=cache)
+        assert stricter.decoded == len(stricter.records)  # new settings: nothing reusable
+        assert verdicts(stricter.records)["dog/good.png"][0] == "too_small"
+        accepted = [r.sha256 for r in later.accepted()]
+        assert all(cache.object_path(sha).read_bytes() for sha in accepted if sha)
+
+
+def test_graft_verify_command(folder: Path) -> None:
+    table = run(["graft", "verify", str(folder)], cwd=folder)
+    lines = table.stdout.splitlines()
+    assert lines[0] == "path\tlabel\tverdict\treason\tsha256"
+    assert any(line.startswith("cat/truncated.jpg\tcat\tcorrupt\t") for line in lines)
+    assert "12 files" in table.stderr and "corrupt 1" in table.stderr
+    listed = json.loads(run(["graft", "verify", str(folder), "--json"], cwd=folder).stdout)
+    assert {r["path"]: r["verdict"] for r in listed}["cat/empty.jpg"] == "zero_byte"
+    assert set(listed[0]) >= {"path", "label", "verdict", "reason", "sha256"}

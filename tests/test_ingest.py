@@ -1,0 +1,50 @@
+"""The ingest stage: budget, reports, and a dataset that holds exactly the verified bytes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import tiny_params
+
+from tasks.config import parse_params
+from tasks.hashing import file_sha256
+from tasks.ingest import IngestError, ingest, render_summary
+from tasks.ingested import image_path, read_manifest
+
+
+def test_dataset_holds_each_accepted_image_once_by_content(sources: Path, tmp_path: Path) -> None:
+    params = parse_params(tiny_params(sources))
+    before = {p: file_sha256(p) for p in sources.rglob("*") if p.is_file()}
+    manifest, reports = ingest(params.ingest, tmp_path / "ingested", tmp_path / "cache")
+    assert {p: file_sha256(p) for p in sources.rglob("*") if p.is_file()} == before  # untouched
+
+    accepted = manifest[manifest["verdict"] == "accepted"]
+    assert len(accepted) == 60 + 60
+    for role, path, sha256 in zip(
+        accepted["role"], accepted["path"], accepted["sha256"], strict=True
+    ):
+        stored = image_path(tmp_path / "ingested", str(sha256))
+        assert file_sha256(stored) == sha256
+        assert stored.read_bytes() == (sources / str(role) / str(path)).read_bytes()
+    stored_files = list((tmp_path / "ingested" / "images").rglob("*"))
+    assert len([p for p in stored_files if p.is_file()]) == accepted["sha256"].nunique()
+    assert read_manifest(tmp_path / "ingested").equals(manifest)  # schema-checked round trip
+
+    summary = render_summary(manifest, reports)
+    assert "| 5 | 12 | 0 | 0 | 1 |" in summary  # class 5: accepted, zero_byte, not_image, corrupt
+
+
+def test_rejection_budget_fails_with_fraction_budget_and_reasons(
+    sources: Path, tmp_path: Path
+) -> None:
+    raw = tiny_params(sources)
+    raw["ingest"]["sources"]["target"]["max_reject_fraction"] = 0.01
+    params = parse_params(raw)
+    with pytest.raises(IngestError) as caught:
+        ingest(params.ingest, tmp_path / "ingested", tmp_path / "cache")
+    message = str(caught.value)
+    assert "source 'target': 4.8% of 63 files rejected" in message
+    assert "ingest.sources.target.max_reject_fraction = 1.0%" in message
+    assert "zero_byte: 1" in message and "corrupt: 1" in message and "not_image: 1" in message
+    assert not (tmp_path / "ingested").exists()
