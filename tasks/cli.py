@@ -50,6 +50,20 @@ def _verify(arguments: argparse.Namespace) -> None:
     )
 
 
+def _run(arguments: argparse.Namespace) -> None:
+    from flows.pipeline import StageFailed, pipeline  # Prefect only when asked for
+
+    try:
+        results = pipeline(
+            root=str(arguments.root), stages=arguments.stages or None, force=arguments.force
+        )
+    except StageFailed as error:
+        raise GraftError(str(error)) from None
+    for result in results:
+        state = "ran" if result.ran else "up to date (DVC cache)"
+        print(f"{result.stage}: {state} ({result.seconds:.1f}s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="graft", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -70,6 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
     verify.add_argument("--workers", type=int, default=0, help="threads (0: one per core)")
     verify.set_defaults(handler=_verify)
+
+    run = commands.add_parser(
+        "run",
+        help="run the pipeline as a Prefect flow (one task per DVC stage)",
+        description="Uses the Prefect server at PREFECT_API_URL when set, otherwise a "
+        "temporary local one. DVC decides what is stale, exactly as for `dvc repro`.",
+    )
+    run.add_argument("stages", nargs="*", help="only these stages (and their upstream)")
+    run.add_argument("--force", action="store_true", help="run stages even when up to date")
+    run.add_argument("--root", type=Path, default=Path("."), help="project root")
+    run.set_defaults(handler=_run)
 
     demo = commands.add_parser("demo", help="(re)write the built-in digits demo images")
     demo.add_argument("--out", type=Path, default=Path("data/demo"))

@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from tasks.errors import GraftError
 
@@ -93,8 +101,10 @@ class Source(_Strict):
 
     @field_validator("uri")
     @classmethod
-    def _folder_exists(cls, uri: Path) -> Path:
-        if not uri.is_dir():
+    def _folder_exists(cls, uri: Path, info: ValidationInfo) -> Path:
+        # Relative paths are relative to the project root, where params.yaml lives.
+        root = (info.context or {}).get("root", Path("."))
+        if not (root / uri).is_dir():
             raise ValueError(f"source folder {str(uri)!r} does not exist or is not a folder")
         return uri
 
@@ -213,12 +223,12 @@ def _describe(error: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def parse_params(raw: object, origin: str = "params") -> Params:
-    """Validate an already-parsed params mapping."""
+def parse_params(raw: object, origin: str = "params", root: Path = Path(".")) -> Params:
+    """Validate an already-parsed params mapping; relative source paths are under ``root``."""
     if not isinstance(raw, dict):
         raise ParamsError(f"{origin}: expected a mapping of sections at the top level")
     try:
-        return Params.model_validate(raw)
+        return Params.model_validate(raw, context={"root": root})
     except ValidationError as error:
         raise ParamsError(f"{origin} has bad settings:\n{_describe(error)}") from None
 
@@ -231,4 +241,4 @@ def load_params(path: Path = DEFAULT_PARAMS) -> Params:
         raise ParamsError(f"{path} not found (run from the project root)") from None
     except yaml.YAMLError as error:
         raise ParamsError(f"{path} is not valid YAML: {error}") from None
-    return parse_params(raw, origin=str(path))
+    return parse_params(raw, origin=str(path), root=path.parent)

@@ -1,0 +1,59 @@
+"""The Prefect flow runs DVC's stages as tasks and shares DVC's cache with `dvc repro`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import run
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.pipeline import StageFailed, StageResult, pipeline, stage_order
+
+pytestmark = pytest.mark.slow
+
+ALL_STAGES = ["ingest", "split", "pretrain", "finetune", "evaluate", "register"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_server() -> Iterator[None]:
+    # A temporary Prefect API on a temporary SQLite database; no scheduler is needed here.
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+def ran(results: list[StageResult]) -> list[str]:
+    return [r.stage for r in results if r.ran]
+
+
+def test_stage_order_comes_from_dvc(dvc_project: Path) -> None:
+    assert stage_order(dvc_project) == ALL_STAGES
+    assert stage_order(dvc_project, ["split"]) == ["ingest", "split"]
+    with pytest.raises(ValueError, match=r"no such stage in dvc\.yaml: trian"):
+        stage_order(dvc_project, ["trian"])
+
+
+def test_flow_and_dvc_repro_share_one_cache(dvc_project: Path) -> None:
+    repo = dvc_project
+    first = pipeline(root=str(repo))
+    assert [r.stage for r in first] == ALL_STAGES and ran(first) == ALL_STAGES
+    assert "up to date" in run(["dvc", "status"], repo).stdout
+    assert "Running stage" not in run(["dvc", "repro"], repo).stdout  # by hand: nothing to do
+
+    assert ran(pipeline(root=str(repo))) == []  # every task: up to date (DVC cache)
+
+    params = (repo / "params.yaml").read_text().replace("name: digits-5-9", "name: digits-b")
+    (repo / "params.yaml").write_text(params)
+    run(["dvc", "repro"], repo)  # by hand: register only
+    assert ran(pipeline(root=str(repo))) == []
+
+
+def test_failing_stage_fails_the_flow_and_stops_downstream(dvc_project: Path) -> None:
+    repo = dvc_project
+    evaluate = repo / "tasks" / "evaluate.py"
+    evaluate.write_text(evaluate.read_text() + "\nraise SystemExit('evaluation exploded')\n")
+    with pytest.raises(StageFailed, match=r"(?s)stage 'evaluate' failed.*evaluation exploded"):
+        pipeline(root=str(repo))
+    assert (repo / "models" / "finetuned.pt").exists()  # upstream stages ran
+    assert not (repo / "models" / "package").exists()  # register never ran
