@@ -9,11 +9,16 @@ of it runs.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +32,11 @@ from tasks.config import load_params
 
 
 class StageFailed(RuntimeError):
-    """``dvc repro`` of one stage exited with an error."""
+    """``dvc repro`` of one stage exited with an error or ran past its timeout."""
+
+
+class WorkspaceBusy(RuntimeError):
+    """Another pipeline run holds this workspace."""
 
 
 @dataclass(frozen=True)
@@ -83,34 +92,68 @@ def _dvc_env() -> dict[str, str]:
     return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
+DVC_LOCKED = "Unable to acquire lock"  # what dvc prints when another dvc command holds the repo
+
+
+def _repro(root: Path, stage: str, force: bool, timeout_s: float) -> tuple[int, list[str]]:
+    """Run `dvc repro` for one stage, streaming its output; kill its process tree on timeout.
+
+    Returns the exit code and the last output lines.
+    """
+    logger = get_run_logger()
+    command = ["dvc", "repro", "--single-item", stage] + (["--force"] if force else [])
+    logger.info("%s: running `%s`", stage, " ".join(command))
+    # A session of its own, so a timeout can kill dvc and the stage command it started.
+    process = subprocess.Popen(
+        command, cwd=root, env=_dvc_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, bufsize=1, start_new_session=True,
+    )  # fmt: skip
+    killed = threading.Event()
+    timer = threading.Timer(timeout_s, _kill_tree, args=(process, killed))
+    timer.start()
+    tail: list[str] = []
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            logger.info("%s | %s", stage, line.rstrip())
+            tail = [*tail[-19:], line.rstrip()]
+        code = process.wait()
+    finally:
+        timer.cancel()
+    if killed.is_set():
+        tail.append(f"timed out after {timeout_s:g}s: killed with its whole process tree")
+    return code, tail
+
+
+def _kill_tree(process: subprocess.Popen[str], killed: threading.Event) -> None:
+    killed.set()
+    with suppress(ProcessLookupError):  # already gone
+        os.killpg(process.pid, signal.SIGKILL)
+
+
 @task(name="stage")
-def run_stage(root: Path, stage: str, force: bool = False) -> StageResult:
+def run_stage(
+    root: Path, stage: str, *, force: bool, timeout_s: float, lock_retries: int
+) -> StageResult:
     """Run one DVC stage unless DVC reports it up to date; stream its output into the log."""
     logger = get_run_logger()
     started = time.perf_counter()
     if not force and is_up_to_date(root, stage):
         logger.info("%s: up to date (DVC cache)", stage)
         return StageResult(stage, ran=False, seconds=time.perf_counter() - started)
-    command = ["dvc", "repro", "--single-item", stage] + (["--force"] if force else [])
-    logger.info("%s: running `%s`", stage, " ".join(command))
-    process = subprocess.Popen(
-        command,
-        cwd=root,
-        env=_dvc_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        bufsize=1,
-    )
-    assert process.stdout is not None
-    tail: list[str] = []
-    for line in process.stdout:
-        logger.info("%s | %s", stage, line.rstrip())
-        tail = [*tail[-19:], line.rstrip()]
-    if process.wait() != 0:
-        last_lines = "\n".join(tail)
-        raise StageFailed(f"stage {stage!r} failed (exit {process.returncode}):\n{last_lines}")
-    return StageResult(stage, ran=True, seconds=time.perf_counter() - started)
+    for attempt in range(lock_retries + 1):
+        code, tail = _repro(root, stage, force, timeout_s)
+        if code == 0:
+            return StageResult(stage, ran=True, seconds=time.perf_counter() - started)
+        if not any(DVC_LOCKED in line for line in tail) or attempt == lock_retries:
+            break
+        wait = 2**attempt
+        logger.warning(
+            "%s: another DVC command holds the repository lock; retry in %ss", stage, wait
+        )
+        time.sleep(wait)
+    last_lines = "\n".join(tail)
+    raise StageFailed(f"stage {stage!r} failed (exit {code}):\n{last_lines}")
 
 
 def _publish_artifacts(root: Path, results: list[StageResult]) -> None:
@@ -137,15 +180,80 @@ def _publish_artifacts(root: Path, results: list[StageResult]) -> None:
         )
 
 
+@contextmanager
+def workspace_lock(root: Path, wait_s: float) -> Iterator[None]:
+    """Hold the workspace for one run: never two pipeline runs (and dvc.lock writers) at once."""
+    path = root / ".graft" / "run.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+") as handle:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    handle.seek(0)
+                    holder = handle.read().strip() or "another process"
+                    raise WorkspaceBusy(
+                        f"another graft run holds {path} ({holder}); waited {wait_s:g}s"
+                    ) from None
+                time.sleep(1)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        yield  # the lock is released when the file closes, even if the process dies
+
+
+def _dvc(root: Path, *arguments: str) -> str:
+    result = subprocess.run(
+        ["dvc", *arguments], cwd=root, env=_dvc_env(), capture_output=True, text=True, check=True
+    )
+    return result.stdout
+
+
 @flow(name="graft-pipeline", log_prints=True)
 def pipeline(
-    root: str = ".", stages: list[str] | None = None, force: bool = False
+    root: str = ".",
+    stages: list[str] | None = None,
+    force: bool = False,
+    pull: bool = False,
+    push: bool = False,
+    publish: bool = False,
+    wait_for_workspace_s: float = 0.0,
 ) -> list[StageResult]:
-    """Run the DVC pipeline in ``root``, a task per stage; ``stages`` limits it (with upstream)."""
+    """Run the DVC pipeline in ``root``, a task per stage; ``stages`` limits it (with upstream).
+
+    ``pull``/``push`` sync data with the DVC remote when one is configured.
+    """
+    logger = get_run_logger()
     project = Path(root).resolve()
-    load_params(project / "params.yaml")  # bad params fail here, before any stage runs
-    results = []
-    for stage in stage_order(project, stages):
-        results.append(run_stage.with_options(name=stage)(project, stage, force=force))
+    settings = load_params(project / "params.yaml").run  # bad params fail before any stage
+    order = stage_order(project, stages)
+    unknown = sorted(set(settings.timeout_s) - set(order) - {"default"})
+    if unknown and not stages:
+        raise ValueError(f"run.timeout_s names stages not in dvc.yaml: {', '.join(unknown)}")
+    with workspace_lock(project, wait_for_workspace_s):
+        remote = _dvc(project, "remote", "list").strip()
+        if pull:
+            if remote:
+                logger.info("dvc pull: %s", _dvc(project, "pull", "--allow-missing").strip())
+            else:
+                logger.info("pull: no DVC remote configured; nothing to pull")
+        results = []
+        for stage in order:  # in order; a failure raises, so nothing downstream runs
+            run_one = run_stage.with_options(name=stage)
+            timeout_s, retries = settings.timeout_for(stage), settings.lock_retries
+            results.append(
+                run_one(project, stage, force=force, timeout_s=timeout_s, lock_retries=retries)
+            )
+        if push:
+            if remote:
+                logger.info("dvc push: %s", _dvc(project, "push").strip())
+            else:
+                logger.info("push: no DVC remote configured; nothing to push")
+    if publish:
+        logger.warning("publish: graft has no model registry step yet; nothing was published")
     _publish_artifacts(project, results)
     return results

@@ -199,6 +199,25 @@ class Register(_Strict):
     min_class_recall: float = Field(ge=0, le=1)
 
 
+class Run(_Strict):
+    """How `graft run` and the flow run stages; not DVC params, as no result depends on them."""
+
+    timeout_s: dict[str, float]  # per stage name, "default" for the others
+    lock_retries: int = Field(default=5, ge=0)
+
+    @field_validator("timeout_s")
+    @classmethod
+    def _positive_with_default(cls, timeouts: dict[str, float]) -> dict[str, float]:
+        if "default" not in timeouts:
+            raise ValueError("needs a 'default' entry for stages not named")
+        if min(timeouts.values()) <= 0:
+            raise ValueError("every timeout must be > 0 seconds")
+        return timeouts
+
+    def timeout_for(self, stage: str) -> float:
+        return self.timeout_s.get(stage, self.timeout_s["default"])
+
+
 class Params(_Strict):
     common: Common
     paths: Paths
@@ -208,6 +227,7 @@ class Params(_Strict):
     finetune: Finetune
     evaluate: Evaluate
     registry: Register = Field(alias="register")  # see Paths.registry
+    run: Run
 
 
 def _describe(error: ValidationError) -> str:

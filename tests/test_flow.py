@@ -9,7 +9,14 @@ import pytest
 from conftest import run
 from prefect.testing.utilities import prefect_test_harness
 
-from flows.pipeline import StageFailed, StageResult, pipeline, stage_order
+from flows.pipeline import (
+    StageFailed,
+    StageResult,
+    WorkspaceBusy,
+    pipeline,
+    stage_order,
+    workspace_lock,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -34,10 +41,12 @@ def test_stage_order_comes_from_dvc(dvc_project: Path) -> None:
         stage_order(dvc_project, ["trian"])
 
 
-def test_flow_and_dvc_repro_share_one_cache(dvc_project: Path) -> None:
+def test_flow_and_dvc_repro_share_one_cache(dvc_project: Path, tmp_path: Path) -> None:
     repo = dvc_project
-    first = pipeline(root=str(repo))
+    run(["dvc", "remote", "add", "-d", "store", str(tmp_path / "remote")], repo)
+    first = pipeline(root=str(repo), push=True)
     assert [r.stage for r in first] == ALL_STAGES and ran(first) == ALL_STAGES
+    assert "in sync" in run(["dvc", "status", "--cloud"], repo).stdout  # pushed
     assert "up to date" in run(["dvc", "status"], repo).stdout
     assert "Running stage" not in run(["dvc", "repro"], repo).stdout  # by hand: nothing to do
 
@@ -57,3 +66,27 @@ def test_failing_stage_fails_the_flow_and_stops_downstream(dvc_project: Path) ->
         pipeline(root=str(repo))
     assert (repo / "models" / "finetuned.pt").exists()  # upstream stages ran
     assert not (repo / "models" / "package").exists()  # register never ran
+
+
+def _set_param(repo: Path, old: str, new: str) -> None:
+    text = (repo / "params.yaml").read_text()
+    assert old in text
+    (repo / "params.yaml").write_text(text.replace(old, new))
+
+
+def test_stage_past_its_timeout_is_killed_with_its_process_tree(dvc_project: Path) -> None:
+    repo = dvc_project
+    _set_param(repo, "default: 3600", "default: 3600\n    ingest: 0.5")
+    with pytest.raises(StageFailed, match=r"(?s)stage 'ingest' failed.*timed out after 0.5s"):
+        pipeline(root=str(repo))
+    assert not (repo / "data" / "ingested").exists()  # no half-written output
+    # Nothing of the killed stage lingers: DVC's lock is free and the stage runs by hand.
+    assert "Running stage 'ingest'" in run(["dvc", "repro", "ingest"], repo).stdout
+
+
+def test_a_second_run_in_the_same_workspace_is_refused(dvc_project: Path) -> None:
+    repo = dvc_project
+    busy = r"another graft run holds .*run\.lock \(pid"
+    with workspace_lock(repo, wait_s=0), pytest.raises(WorkspaceBusy, match=busy):
+        pipeline(root=str(repo), wait_for_workspace_s=1)
+    assert not (repo / "data").exists()  # refused before any stage ran
