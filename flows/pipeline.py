@@ -213,6 +213,15 @@ def _dvc(root: Path, *arguments: str) -> str:
     return result.stdout
 
 
+def _sync_with_remote(root: Path, *command: str) -> None:
+    """`dvc pull` or `dvc push` when a DVC remote is configured; say so when none is."""
+    logger = get_run_logger()
+    if not _dvc(root, "remote", "list").strip():
+        logger.info("%s: no DVC remote configured; nothing to %s", command[0], command[0])
+        return
+    logger.info("dvc %s: %s", command[0], _dvc(root, *command).strip())
+
+
 @flow(name="graft-pipeline", log_prints=True)
 def pipeline(
     root: str = ".",
@@ -230,17 +239,14 @@ def pipeline(
     logger = get_run_logger()
     project = Path(root).resolve()
     settings = load_params(project / "params.yaml").run  # bad params fail before any stage
-    order = stage_order(project, stages)
-    unknown = sorted(set(settings.timeout_s) - set(order) - {"default"})
-    if unknown and not stages:
+    every_stage = stage_order(project)
+    order = stage_order(project, stages) if stages else every_stage
+    unknown = sorted(set(settings.timeout_s) - set(every_stage) - {"default"})
+    if unknown:
         raise ValueError(f"run.timeout_s names stages not in dvc.yaml: {', '.join(unknown)}")
     with workspace_lock(project, wait_for_workspace_s):
-        remote = _dvc(project, "remote", "list").strip()
         if pull:
-            if remote:
-                logger.info("dvc pull: %s", _dvc(project, "pull", "--allow-missing").strip())
-            else:
-                logger.info("pull: no DVC remote configured; nothing to pull")
+            _sync_with_remote(project, "pull", "--allow-missing")
         results = []
         for stage in order:  # in order; a failure raises, so nothing downstream runs
             run_one = run_stage.with_options(name=stage)
@@ -249,10 +255,7 @@ def pipeline(
                 run_one(project, stage, force=force, timeout_s=timeout_s, lock_retries=retries)
             )
         if push:
-            if remote:
-                logger.info("dvc push: %s", _dvc(project, "push").strip())
-            else:
-                logger.info("push: no DVC remote configured; nothing to push")
+            _sync_with_remote(project, "push")
     if publish:
         logger.warning("publish: graft has no model registry step yet; nothing was published")
     _publish_artifacts(project, results)
