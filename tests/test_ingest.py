@@ -48,3 +48,17 @@ def test_rejection_budget_fails_with_fraction_budget_and_reasons(
     assert "ingest.sources.target.max_reject_fraction = 1.0%" in message
     assert "zero_byte: 1" in message and "corrupt: 1" in message and "not_image: 1" in message
     assert not (tmp_path / "ingested").exists()
+
+
+def test_a_warm_cache_changes_nothing_but_speed(sources: Path, tmp_path: Path) -> None:
+    params = parse_params(tiny_params(sources))
+    cold_manifest, cold = ingest(params.ingest, tmp_path / "cold", tmp_path / "cache")
+    warm_manifest, warm = ingest(params.ingest, tmp_path / "warm", tmp_path / "cache")
+    assert warm["target"].decoded == 0 < cold["target"].decoded
+    assert warm_manifest.equals(cold_manifest)
+    assert render_summary(warm_manifest, warm) == render_summary(cold_manifest, cold)
+
+    def listing(folder: Path) -> list[Path]:
+        return sorted(path.relative_to(folder) for path in folder.rglob("*"))
+
+    assert listing(tmp_path / "cold") == listing(tmp_path / "warm")
