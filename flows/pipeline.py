@@ -156,13 +156,12 @@ def run_stage(
     raise StageFailed(f"stage {stage!r} failed (exit {code}):\n{last_lines}")
 
 
-def _publish_artifacts(root: Path, results: list[StageResult]) -> None:
+def _publish_artifacts(metrics_path: Path, results: list[StageResult]) -> None:
     create_table_artifact(
         key="graft-stages",
         table=[r.row() for r in results],
         description="Stages of this run: ran, or up to date in the DVC cache.",
     )
-    metrics_path = root / load_params(root / "params.yaml").paths.evaluate.metrics
     if metrics_path.exists():
         metrics: dict[str, Any] = json.loads(metrics_path.read_text())
         rows = [
@@ -238,7 +237,8 @@ def pipeline(
     """
     logger = get_run_logger()
     project = Path(root).resolve()
-    settings = load_params(project / "params.yaml").run  # bad params fail before any stage
+    params = load_params(project / "params.yaml")  # bad params fail before any stage runs
+    settings = params.run
     every_stage = stage_order(project)
     order = stage_order(project, stages) if stages else every_stage
     unknown = sorted(set(settings.timeout_s) - set(every_stage) - {"default"})
@@ -258,5 +258,5 @@ def pipeline(
             _sync_with_remote(project, "push")
     if publish:
         logger.warning("publish: graft has no model registry step yet; nothing was published")
-    _publish_artifacts(project, results)
+    _publish_artifacts(project / params.paths.evaluate.metrics, results)
     return results

@@ -22,6 +22,7 @@ from tasks import atomic, schemas
 from tasks.config import ROLES, Ingest, Params, load_params
 from tasks.errors import GraftError, run_main
 from tasks.ingested import image_path, manifest_path
+from tasks.markdown import markdown_table
 from tasks.verify import CheckSettings, FolderReport, verify_folder
 from tasks.verify_cache import VerifyCache
 
@@ -91,11 +92,7 @@ def render_summary(manifest: pd.DataFrame, reports: dict[str, FolderReport]) -> 
         if report.skipped:
             skipped = ", ".join(f"{reason}: {n}" for reason, n in sorted(report.skipped.items()))
             lines.append(f"Skipped: {skipped}.")
-        lines += ["", "| class | " + " | ".join(table.columns) + " |"]
-        lines.append("| --- " * (len(table.columns) + 1) + "|")
-        for label, counts in table.iterrows():
-            lines.append(f"| {label} | " + " | ".join(str(n) for n in counts) + " |")
-        lines.append("")
+        lines += ["", *markdown_table(table, "class"), ""]
     return "\n".join(lines)
 
 

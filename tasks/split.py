@@ -16,6 +16,7 @@ from tasks.config import ROLES, Fractions, Params, Split, load_params
 from tasks.errors import GraftError, run_main
 from tasks.hashing import sha256_hex
 from tasks.ingested import read_manifest
+from tasks.markdown import markdown_table
 
 
 class SplitError(GraftError):
@@ -80,11 +81,7 @@ def render_summary(splits: pd.DataFrame) -> str:
     for role, rows in splits.groupby("role", sort=True):
         table = pd.crosstab(rows["label"], rows["split"], margins=True, margins_name="total")
         table = table.reindex(columns=[c for c in (*schemas.SPLITS, "total") if c in table])
-        lines += [f"## {role}", "", "| class | " + " | ".join(table.columns) + " |"]
-        lines.append("| --- " * (len(table.columns) + 1) + "|")
-        for label, counts in table.iterrows():
-            lines.append(f"| {label} | " + " | ".join(str(n) for n in counts) + " |")
-        lines.append("")
+        lines += [f"## {role}", "", *markdown_table(table, "class"), ""]
     return "\n".join(lines)
 
 

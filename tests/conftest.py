@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 import shutil
 import subprocess
@@ -55,7 +54,6 @@ def copy_demo_subset(destination: Path, per_class: int, broken: bool = True) -> 
 def tiny_params(sources: Path) -> dict[str, Any]:
     """The project's params.yaml scaled down to seconds: 16 px, one or two epochs, tiny splits."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params = copy.deepcopy(params)
     params["common"].update(image_size=16, device="cpu")
     params["ingest"]["sources"]["pretrain"]["uri"] = str(sources / "pretrain")
     params["ingest"]["sources"]["target"]["uri"] = str(sources / "target")
