@@ -10,7 +10,6 @@ of it runs.
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import signal
 import subprocess
@@ -21,13 +20,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import networkx as nx
 from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.logging import get_run_logger
 
+from flows.artifacts import StageRow, publish_run_artifacts
 from tasks.config import load_params
 
 
@@ -45,9 +43,8 @@ class StageResult:
     ran: bool  # False: DVC reported it up to date, nothing was run
     seconds: float
 
-    def row(self) -> dict[str, object]:
-        status = "ran" if self.ran else "cached"
-        return {"stage": self.stage, "status": status, "seconds": round(self.seconds, 1)}
+    def row(self) -> StageRow:
+        return StageRow(self.stage, "ran" if self.ran else "cached", self.seconds)
 
 
 def stage_order(root: Path, targets: list[str] | None = None) -> list[str]:
@@ -156,29 +153,6 @@ def run_stage(
     raise StageFailed(f"stage {stage!r} failed (exit {code}):\n{last_lines}")
 
 
-def _publish_artifacts(metrics_path: Path, results: list[StageResult]) -> None:
-    create_table_artifact(
-        key="graft-stages",
-        table=[r.row() for r in results],
-        description="Stages of this run: ran, or up to date in the DVC cache.",
-    )
-    if metrics_path.exists():
-        metrics: dict[str, Any] = json.loads(metrics_path.read_text())
-        rows = [
-            {"class": label, **{k: round(v, 4) for k, v in scores.items()}}
-            for label, scores in metrics["per_class"].items()
-        ]
-        create_table_artifact(key="graft-test-metrics", table=rows, description="Test split.")
-        create_markdown_artifact(
-            key="graft-summary",
-            markdown=(
-                f"# graft run\n\nTest accuracy **{metrics['accuracy']:.4f}**, macro F1 "
-                f"{metrics['macro_f1']:.4f} on {metrics['test_images']} images.\n\n"
-                f"Stages run: {', '.join(r.stage for r in results if r.ran) or 'none'}."
-            ),
-        )
-
-
 @contextmanager
 def workspace_lock(root: Path, wait_s: float) -> Iterator[None]:
     """Hold the workspace for one run: never two pipeline runs (and dvc.lock writers) at once."""
@@ -258,5 +232,5 @@ def pipeline(
             _sync_with_remote(project, "push")
     if publish:
         logger.warning("publish: graft has no model registry step yet; nothing was published")
-    _publish_artifacts(project / params.paths.evaluate.metrics, results)
+    publish_run_artifacts(project, params, [r.row() for r in results])
     return results

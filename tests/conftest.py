@@ -89,10 +89,18 @@ def dvc_project(tmp_path: Path, sources: Path) -> Path:
 
     The image sources live outside the repository, as a user's own folders would.
     """
-    repo = tmp_path / "repo"
+    return make_dvc_project(tmp_path / "repo", sources)
+
+
+def make_dvc_project(repo: Path, sources: Path, with_flows: bool = False) -> Path:
+    """Copy the pipeline (and with ``with_flows`` the Prefect flow and prefect.yaml) into a new
+    git + DVC repository at ``repo``, with tiny params reading images from ``sources``."""
     repo.mkdir()
-    shutil.copytree(ROOT / "tasks", repo / "tasks", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", ".gitignore"):
+    folders = ("tasks", "flows") if with_flows else ("tasks",)
+    for folder in folders:
+        shutil.copytree(ROOT / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    files = ("dvc.yaml", ".gitignore") + (("prefect.yaml",) if with_flows else ())
+    for name in files:
         shutil.copy2(ROOT / name, repo / name)
     (repo / "params.yaml").write_text(yaml.safe_dump(tiny_params(sources), sort_keys=False))
     run(["git", "init", "-q", "-b", "main"], repo)

@@ -1,0 +1,87 @@
+"""Serve prefect.yaml's deployments from this machine: schedules without a work pool or worker.
+
+`prefect deploy` + a worker is the multi-machine way; `graft serve` is the single-machine one. It
+reads the same deployments (names, schedules, parameters, concurrency limits) from prefect.yaml,
+so the schedule is written once, and runs their flow runs in this process's machine until
+stopped. The workspace is the project root it was started for.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import serve
+from prefect.client.schemas.objects import ConcurrencyLimitConfig
+from prefect.deployments.runner import EntrypointType, RunnerDeployment
+from prefect.schedules import Cron, Interval, RRule, Schedule
+
+from flows.pipeline import pipeline
+
+
+class DeploymentSpecError(ValueError):
+    """prefect.yaml holds something `graft serve` cannot serve."""
+
+
+def _schedule(spec: dict[str, Any], where: str) -> Schedule:
+    timezone, active = spec.get("timezone"), bool(spec.get("active", True))
+    kinds = [kind for kind in ("cron", "interval", "rrule") if kind in spec]
+    if len(kinds) != 1:
+        raise DeploymentSpecError(f"{where}: give exactly one of cron, interval or rrule")
+    if "cron" in spec:
+        return Cron(str(spec["cron"]), timezone=timezone, active=active)
+    if "interval" in spec:
+        return Interval(
+            timedelta(seconds=float(spec["interval"])), timezone=timezone, active=active
+        )
+    return RRule(str(spec["rrule"]), timezone=timezone, active=active)
+
+
+def _concurrency(spec: int | dict[str, Any] | None) -> ConcurrencyLimitConfig | None:
+    if spec is None:
+        return None
+    if isinstance(spec, int):
+        return ConcurrencyLimitConfig(limit=spec)
+    return ConcurrencyLimitConfig(
+        limit=spec["limit"], collision_strategy=spec.get("collision_strategy", "ENQUEUE")
+    )
+
+
+def deployments_for(root: Path) -> list[RunnerDeployment]:
+    """prefect.yaml's deployments of the pipeline, as served deployments working in ``root``."""
+    config_path = root / "prefect.yaml"
+    config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    served: list[RunnerDeployment] = []
+    for spec in config.get("deployments") or []:
+        name = spec["name"]
+        where = f"{config_path}: deployment {name!r}"
+        if spec.get("entrypoint") != "flows/pipeline.py:pipeline":
+            raise DeploymentSpecError(f"{where}: graft serves only flows/pipeline.py:pipeline")
+        schedules = [
+            _schedule(s, f"{where}, schedule {i + 1}")
+            for i, s in enumerate(spec.get("schedules") or [])
+        ]
+        deployment = pipeline.to_deployment(
+            name=name,
+            description=spec.get("description"),
+            tags=spec.get("tags"),
+            schedules=schedules,
+            # A served run starts in this process's folder: name the workspace explicitly.
+            parameters={**(spec.get("parameters") or {}), "root": str(root.resolve())},
+            concurrency_limit=_concurrency(spec.get("concurrency_limit")),
+            # The installed package, not a file path relative to wherever serve started.
+            entrypoint_type=EntrypointType.MODULE_PATH,
+        )
+        assert isinstance(deployment, RunnerDeployment)  # sync call: not a coroutine
+        served.append(deployment)
+    if not served:
+        raise DeploymentSpecError(f"{config_path} declares no deployments")
+    return served
+
+
+def serve_deployments(root: Path) -> None:
+    """Serve until interrupted; one flow run at a time on this machine."""
+    # Schedules are paused on shutdown (Prefect's default) so no run piles up while down.
+    serve(*deployments_for(root), limit=1)
