@@ -33,7 +33,9 @@ class CheckpointMeta:
     std: list[float]
     epoch: int
     metrics: dict[str, float]
-    init: str  # where the starting weights came from: "scratch" or "checkpoint:<sha256>"
+    # Where the starting weights came from: "scratch", "imagenet:<weights>" or
+    # "checkpoint:<sha256>"; extra["weights"] records file, URL and sha256 (tasks/weights.py).
+    init: str
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -67,3 +69,18 @@ def model_from_checkpoint(path: Path) -> tuple[nn.Module, CheckpointMeta]:
             f"{path}: weights do not fit {meta.arch} with {len(meta.classes)} classes: {error}"
         ) from None
     return model, meta
+
+
+def check_fits(meta: CheckpointMeta, path: Path, *, classes: list[str], arch: str) -> None:
+    """Raise CheckpointError when a checkpoint's classes or architecture differ from the run's."""
+    if meta.arch != arch:
+        raise CheckpointError(f"{path} holds a {meta.arch} network, not {arch}")
+    if meta.classes != classes:
+        missing = sorted(set(classes) - set(meta.classes))
+        extra = sorted(set(meta.classes) - set(classes))
+        detail = f"not in the checkpoint: {missing}; only in the checkpoint: {extra}"
+        if not missing and not extra:
+            detail = "same classes in another order"
+        raise CheckpointError(
+            f"{path} was trained for classes {meta.classes}, but the data has {classes} ({detail})"
+        )

@@ -8,6 +8,8 @@ list of blocks so that "unfreeze the deepest N blocks" means the same thing for 
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torchvision
 from torch import nn
 
@@ -62,6 +64,16 @@ def head_module(model: nn.Module) -> nn.Module:
     return model.get_submodule(last_linear_name(model).split(".")[0])
 
 
+HeadScope = Literal["top_module", "last_layer"]
+
+
+def trainable_head(model: nn.Module, scope: HeadScope) -> nn.Module:
+    """What phase 1 trains: the whole top-level head module, or only its new last linear layer."""
+    if scope == "last_layer":
+        return model.get_submodule(last_linear_name(model))
+    return head_module(model)
+
+
 def backbone_blocks(model: nn.Module) -> list[nn.Module]:
     """The backbone as ordered blocks, shallowest first."""
     features = getattr(model, "features", None)
@@ -95,22 +107,26 @@ def _cut_after_pools(layers: list[nn.Module]) -> list[nn.Module]:
     return blocks
 
 
-def set_trainable(model: nn.Module, unfrozen_blocks: int) -> list[nn.Parameter]:
-    """Freeze the backbone except its deepest ``unfrozen_blocks``; return the unfrozen params.
+def set_trainable(
+    model: nn.Module, unfrozen_blocks: int | Literal["all"], head: nn.Module | None = None
+) -> list[nn.Parameter]:
+    """Freeze all but ``head`` and the deepest ``unfrozen_blocks``; return the unfrozen params.
 
-    ``unfrozen_blocks`` larger than the number of blocks unfreezes the whole network.
+    ``head`` defaults to the top-level head module. ``"all"`` (or more blocks than there are)
+    unfreezes the whole network.
     """
+    head = head if head is not None else head_module(model)
     for parameter in model.parameters():
         parameter.requires_grad = False
-    for parameter in head_module(model).parameters():
+    for parameter in head.parameters():
         parameter.requires_grad = True
-    if unfrozen_blocks <= 0:
+    if unfrozen_blocks == 0:
         return []
-    blocks = backbone_blocks(model)
-    unfrozen = [p for block in blocks[-unfrozen_blocks:] for p in block.parameters()]
-    if unfrozen_blocks >= len(blocks):
-        head_ids = {id(p) for p in head_module(model).parameters()}
+    head_ids = {id(p) for p in head.parameters()}
+    if unfrozen_blocks == "all" or unfrozen_blocks >= len(blocks := backbone_blocks(model)):
         unfrozen = [p for p in model.parameters() if id(p) not in head_ids]
+    else:
+        unfrozen = [p for block in blocks[-unfrozen_blocks:] for p in block.parameters()]
     for parameter in unfrozen:
         parameter.requires_grad = True
     return unfrozen

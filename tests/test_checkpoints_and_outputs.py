@@ -81,3 +81,17 @@ def test_directory_output_is_replaced_whole(tmp_path: Path) -> None:
         (staging / "new.txt").write_text("v2")
     assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["package"]
+
+
+def test_checkpoint_for_other_classes_or_arch_is_a_clear_error(tmp_path: Path) -> None:
+    from tasks.checkpoints import check_fits
+
+    path = tmp_path / "model.pt"
+    card = meta(["a", "b", "c"])
+    check_fits(card, path, classes=["a", "b", "c"], arch="resnet18")
+    with pytest.raises(CheckpointError, match=r"not in the checkpoint: \['d'\]"):
+        check_fits(card, path, classes=["a", "b", "d"], arch="resnet18")
+    with pytest.raises(CheckpointError, match="another order"):
+        check_fits(card, path, classes=["c", "b", "a"], arch="resnet18")
+    with pytest.raises(CheckpointError, match="holds a resnet18 network, not vgg16"):
+        check_fits(card, path, classes=["a", "b", "c"], arch="vgg16")

@@ -69,3 +69,51 @@ def test_vgg_head_is_the_whole_classifier() -> None:
     # As in the VGG recipe: features frozen, every classifier layer trained with the new one.
     model = build_model("vgg11", num_classes=2)
     assert head_module(model) is model.get_submodule("classifier")
+
+
+@pytest.mark.parametrize(
+    "arch",
+    [
+        "vgg11",
+        "vgg13_bn",
+        "vgg16_bn",
+        "vgg19",
+        "resnet50",
+        "mobilenet_v2",
+        "mobilenet_v3_large",
+        "efficientnet_b0",
+        "convnext_tiny",
+        "regnet_x_400mf",
+    ],
+)
+def test_every_family_splits_into_head_and_blocks_and_freezes_by_policy(arch: str) -> None:
+    model = build_model(arch, num_classes=4)
+    replace_head(model, 3)
+    head = {id(p) for p in head_module(model).parameters()}
+    blocks = backbone_blocks(model)
+    in_blocks = {id(p) for block in blocks for p in block.parameters()}
+    assert not head & in_blocks  # the head is never part of a backbone block
+    trainable = lambda: {id(p) for p in model.parameters() if p.requires_grad}  # noqa: E731
+
+    assert set_trainable(model, 0) == [] and trainable() == head
+    deepest = set_trainable(model, 1)
+    assert {id(p) for p in deepest} == {id(p) for p in blocks[-1].parameters()}
+    assert trainable() == head | {id(p) for p in deepest}
+    everything = set_trainable(model, "all")
+    assert trainable() == {id(p) for p in model.parameters()}
+    assert len(everything) == len(list(model.parameters())) - len(head)
+    last = model.get_submodule(last_linear_name(model))
+    set_trainable(model, 0, head=last)  # scope last_layer: only the new layer
+    assert trainable() == {id(last.weight), id(last.bias)}
+
+
+def test_unfreeze_blocks_param_accepts_a_count_or_all_and_names_the_key() -> None:
+    from tasks.config import UnfreezePhase
+
+    base = {"epochs": 1, "lr": 1e-5, "head_lr": 1e-4}
+    assert UnfreezePhase(blocks="all", **base).blocks == "all"  # type: ignore[arg-type]
+    assert UnfreezePhase(blocks=3, **base).blocks == 3  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="blocks"):
+        UnfreezePhase(blocks="some", **base)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="blocks"):
+        UnfreezePhase(blocks=-1, **base)  # type: ignore[arg-type]

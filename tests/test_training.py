@@ -56,3 +56,22 @@ def test_finetune_freezes_the_backbone_in_the_head_phase(
     assert after["fc.weight"].shape[0] == 5
     assert tuned.meta.classes == ["5", "6", "7", "8", "9"]
     assert tuned.meta.init.startswith("checkpoint:")
+
+
+def test_finetune_is_deterministic_on_cpu_with_cached_augmented_views(
+    prepared: tuple[Params, pd.DataFrame, Path],
+) -> None:
+    params, splits, dataset = prepared
+    settings = params.finetune.model_copy(
+        update={"head": params.finetune.head.model_copy(update={"views": 2, "epochs": 2})}
+    )
+    runs = [
+        finetune(splits, dataset, settings, params.common, backbone=None, arch="resnet18")
+        for _ in range(2)
+    ]
+    first, second = runs
+    assert [r.phase for r in first.outcome.history] == ["head", "head", "unfreeze"]
+    assert first.outcome.history == second.outcome.history
+    assert first.meta == second.meta
+    for name, tensor in first.model.state_dict().items():
+        assert torch.equal(tensor, second.model.state_dict()[name]), name

@@ -1,0 +1,246 @@
+"""Evaluate: metrics on hand-made predictions, the mistakes grid, the real stages through DVC."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import run, tiny_params
+from PIL import Image
+
+from tasks.checkpoints import CheckpointMeta, save_checkpoint
+from tasks.config import Common, Evaluate, ParamsError, parse_params
+from tasks.errors import GraftError
+from tasks.evaluate import (
+    SplitPredictions,
+    calibration_table,
+    classification_metrics,
+    evaluate_checkpoints,
+    evaluation,
+    expected_calibration_error,
+    roc,
+    transfer_gain,
+)
+from tasks.ingested import image_path
+from tasks.misclassified import CAPTION, CELL, HEADER, PAD, grid_size, write_grid
+from tasks.models import build_model
+
+
+def predictions(
+    actual: list[str], predicted: list[str], confidence: list[float] | None = None
+) -> pd.DataFrame:
+    """A predictions table with made-up hashes and paths."""
+    count = len(actual)
+    return pd.DataFrame(
+        {
+            "sha256": [f"{i:064x}" for i in range(count)],
+            "path": [f"img-{i}.png" for i in range(count)],
+            "actual": actual,
+            "predicted": predicted,
+            "confidence": confidence if confidence is not None else [0.9] * count,
+        }
+    )
+
+
+def test_balanced_accuracy_averages_recall_over_classes() -> None:
+    # Class a: 3 of 4 right (recall 0.75); class b: 1 of 2 (recall 0.5).
+    table = predictions(["a", "a", "a", "a", "b", "b"], ["a", "a", "a", "b", "b", "a"])
+    metrics = classification_metrics(table, ["a", "b"])
+    assert metrics["test_images"] == 6
+    assert metrics["accuracy"] == pytest.approx(4 / 6)
+    assert metrics["balanced_accuracy"] == pytest.approx((0.75 + 0.5) / 2)
+    per_class: Any = metrics["per_class"]
+    assert per_class["a"] == {"precision": 0.75, "recall": 0.75, "f1": 0.75, "support": 4}
+    assert per_class["b"] == {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2}
+    assert metrics["macro_f1"] == pytest.approx(0.625)
+
+
+def test_expected_calibration_error_by_hand() -> None:
+    # Four equal-width bins (0, .25], (.25, .5], (.5, .75], (.75, 1]; edges exact in binary.
+    #   bin 1: .5 (right edge belongs to the bin) right, .4 wrong -> acc .5, conf .45, gap .05
+    #   bin 2: .75, .65 both wrong                                -> acc 0,  conf .7,  gap .7
+    #   bin 3: 1.0, .9, .8, .9, three right                       -> acc .75, conf .9, gap .15
+    # ECE = (2 * .05 + 2 * .7 + 4 * .15) / 8 = 2.1 / 8
+    confidence = [0.5, 0.4, 0.75, 0.65, 1.0, 0.9, 0.8, 0.9]
+    right = [True, False, False, False, True, True, False, True]
+    actual = ["x"] * 8
+    table = predictions(actual, ["x" if ok else "y" for ok in right], confidence)
+    calibration = calibration_table(table, bins=4)
+    assert calibration["bin"].tolist() == [1, 2, 3]
+    assert calibration["lower"].tolist() == [0.25, 0.5, 0.75]
+    assert calibration["upper"].tolist() == [0.5, 0.75, 1.0]
+    assert calibration["images"].tolist() == [2, 2, 4]
+    assert calibration["confidence"].tolist() == pytest.approx([0.45, 0.7, 0.9])
+    assert calibration["accuracy"].tolist() == pytest.approx([0.5, 0.0, 0.75])
+    assert expected_calibration_error(calibration) == pytest.approx(2.1 / 8)
+
+
+def test_perfectly_calibrated_predictions_have_zero_ece() -> None:
+    table = predictions(["x", "x", "x", "x"], ["x", "x", "y", "y"], [0.5] * 4)
+    assert expected_calibration_error(calibration_table(table, bins=15)) == 0.0
+
+
+def binary(actual: list[str], p_dog: list[float]) -> SplitPredictions:
+    probabilities = np.array([[1 - p, p] for p in p_dog])
+    predicted = ["dog" if p > 0.5 else "cat" for p in p_dog]
+    table = predictions(actual, predicted, probabilities.max(axis=1).tolist())
+    return SplitPredictions(table, probabilities, ["cat", "dog"])
+
+
+def test_roc_auc_for_two_classes_by_hand() -> None:
+    # Positive class "dog" (the second). Of the 4 (dog, cat) pairs, 3 rank the dog higher.
+    test = binary(["cat", "cat", "dog", "dog"], [0.1, 0.6, 0.4, 0.8])
+    auc, curve = roc(test)
+    assert auc == pytest.approx(0.75)
+    assert curve["fpr"].iloc[-1] == 1.0 and curve["tpr"].iloc[-1] == 1.0
+    assert np.trapezoid(curve["tpr"], curve["fpr"]) == pytest.approx(0.75)
+    assert evaluation(test, calibration_bins=15).metrics["roc_auc"] == pytest.approx(0.75)
+
+
+def test_no_roc_auc_for_more_classes_or_a_single_class_present() -> None:
+    table = predictions(["a", "b", "c"], ["a", "b", "b"], [0.8, 0.7, 0.6])
+    probabilities = np.array([[0.8, 0.1, 0.1], [0.1, 0.7, 0.2], [0.1, 0.6, 0.3]])
+    multiclass = SplitPredictions(table, probabilities, ["a", "b", "c"])
+    scored = evaluation(multiclass, calibration_bins=15)
+    assert "roc_auc" not in scored.metrics and "ece" in scored.metrics
+    assert scored.roc.empty and list(scored.roc.columns) == ["fpr", "tpr", "threshold"]
+    auc, curve = roc(binary(["dog", "dog"], [0.7, 0.2]))
+    assert auc is None and curve.empty
+
+
+def test_transfer_gain_is_pretrained_minus_scratch() -> None:
+    gain = transfer_gain({"accuracy": 0.9, "macro_f1": 0.8}, {"accuracy": 0.75, "macro_f1": 0.7})
+    assert gain["pretrained_accuracy"] == 0.9 and gain["scratch_accuracy"] == 0.75
+    assert gain["gain"] == pytest.approx(0.15)
+    assert gain["macro_f1_gain"] == pytest.approx(0.1)
+
+
+def test_baseline_with_other_classes_is_refused(tmp_path: Path) -> None:
+    def checkpoint(name: str, classes: list[str]) -> Path:
+        meta = CheckpointMeta("resnet18", classes, 16, [0.5] * 3, [0.5] * 3, 1, {}, "scratch")
+        save_checkpoint(tmp_path / name, build_model("resnet18", len(classes)), meta)
+        return tmp_path / name
+
+    finetuned, baseline = checkpoint("f.pt", ["a", "b"]), checkpoint("b.pt", ["a", "c"])
+    settings = Evaluate(batch_size=8)
+    common = Common(seed=0, image_size=16, mean=(0.5,) * 3, std=(0.5,) * 3, device="cpu")
+    with pytest.raises(GraftError, match=r"classes \['a', 'c'\].*re-run the baseline stage"):
+        evaluate_checkpoints(finetuned, baseline, pd.DataFrame(), tmp_path, settings, common)
+
+
+def bad_param_message(sources: Path, key: str, value: object) -> str:
+    params = tiny_params(sources)
+    params["evaluate"][key] = value
+    with pytest.raises(ParamsError) as caught:
+        parse_params(params)
+    return str(caught.value)
+
+
+def test_bad_evaluate_params_are_named(sources: Path) -> None:
+    assert "evaluate.misclassified" in bad_param_message(sources, "misclassified", 0)
+    assert "evaluate.calibration_bins" in bad_param_message(sources, "calibration_bins", 0)
+
+
+def store(dataset: Path, image: Image.Image) -> str:
+    """Put ``image`` into an ingested-dataset layout, as ingest does; return its hash."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    sha = hashlib.sha256(buffer.getvalue()).hexdigest()
+    path = image_path(dataset, sha)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buffer.getvalue())
+    return sha
+
+
+def test_grid_shows_the_most_confident_mistakes_first(tmp_path: Path) -> None:
+    dataset = tmp_path / "ingested"
+    colours = ["red", "green", "blue", "yellow", "white"]
+    # Tiny (8x8) and large (300x200) images: enlarged sharply and shrunk to fit a cell.
+    sizes = [(8, 8), (300, 200), (8, 8), (8, 8), (8, 8)]
+    hashes = [store(dataset, Image.new("RGB", s, c)) for s, c in zip(sizes, colours, strict=True)]
+    table = pd.DataFrame(
+        {
+            "sha256": hashes,
+            "path": [f"{c}.png" for c in colours],
+            "actual": ["5", "6", "7", "8", "9"],
+            "predicted": ["6", "5", "7", "9", "8"],  # "7" is right: never in the grid
+            "confidence": [0.7, 0.99, 1.0, 0.5, 0.6],
+        }
+    )
+    grid_file = tmp_path / "out" / "misclassified.png"
+    write_grid(grid_file, table, dataset, limit=3)
+    with Image.open(grid_file) as grid:
+        assert grid.format == "PNG"
+        assert grid.size == grid_size(3) == (PAD + 4 * (CELL + PAD), HEADER + CELL + CAPTION + PAD)
+        rgb = grid.convert("RGB")
+        # Cells left to right by confidence: green (0.99), red (0.7), white (0.6); yellow is cut.
+        cell_centres = [(PAD + i * (CELL + PAD) + CELL // 2, HEADER + CELL // 2) for i in range(4)]
+        assert [rgb.getpixel(xy) for xy in cell_centres] == [
+            (0, 128, 0),
+            (255, 0, 0),
+            (255, 255, 255),
+            (255, 255, 255),  # no fourth cell: background
+        ]
+        caption = rgb.crop((PAD, HEADER + CELL, PAD + CELL, HEADER + CELL + CAPTION))
+        assert np.asarray(caption).min() < 128  # the labels are drawn
+    assert not list(grid_file.parent.glob(".*tmp*"))  # written atomically, nothing left over
+
+    write_grid(grid_file, table, dataset, limit=16)  # more room than mistakes: all four
+    with Image.open(grid_file) as grid:
+        assert grid.size == grid_size(4)
+
+
+def test_grid_says_so_when_nothing_is_misclassified(tmp_path: Path) -> None:
+    table = predictions(["a", "b"], ["a", "b"])
+    grid_file = tmp_path / "misclassified.png"
+    write_grid(grid_file, table, tmp_path / "no-images-needed", limit=16)
+    with Image.open(grid_file) as grid:
+        grid.load()
+        assert grid.size == grid_size(0)
+        assert np.asarray(grid.convert("L")).min() < 128  # the message is drawn in dark text
+
+
+@pytest.mark.slow
+def test_stages_write_every_output_that_dvc_reads(dvc_project: Path) -> None:
+    repo = dvc_project
+    run(["dvc", "repro", "evaluate"], repo)
+    metrics = json.loads((repo / "reports/evaluate/metrics.json").read_text())
+    assert metrics["test_images"] == 15  # 3 per class of the 5 target classes
+    assert set(metrics["per_class"]) == {"5", "6", "7", "8", "9"}
+    assert 0.0 <= metrics["balanced_accuracy"] <= 1.0 and 0.0 <= metrics["ece"] <= 1.0
+    assert "roc_auc" not in metrics  # five classes
+    gain = metrics["transfer_gain"]
+    assert gain["pretrained_accuracy"] == metrics["accuracy"]
+    assert gain["gain"] == pytest.approx(gain["pretrained_accuracy"] - gain["scratch_accuracy"])
+
+    baseline = torch.load(repo / "models/baseline.pt", weights_only=True)
+    assert baseline["meta"]["init"] == "scratch" and baseline["meta"]["arch"] == "resnet18"
+    finetuned = torch.load(repo / "models/finetuned.pt", weights_only=True)
+    assert finetuned["meta"]["init"].startswith("checkpoint:")
+
+    calibration = pd.read_csv(repo / "reports/evaluate/calibration.csv")
+    assert calibration["images"].sum() == 15
+    assert expected_calibration_error(calibration) == pytest.approx(metrics["ece"])
+    with Image.open(repo / "reports/evaluate/misclassified.png") as grid:
+        assert grid.format == "PNG" and grid.width == grid_size(0)[0]
+
+    (workspace_metrics,) = json.loads(
+        run(["dvc", "metrics", "show", "--json"], repo).stdout
+    ).values()
+    workspace = workspace_metrics["data"]
+    evaluate_shown = workspace["reports/evaluate/metrics.json"]["data"]
+    assert evaluate_shown["transfer_gain"]["scratch_accuracy"] == gain["scratch_accuracy"]
+    assert "reports/baseline/metrics.json" in workspace
+    plots = json.loads(run(["dvc", "plots", "show", "--json"], repo).stdout)["data"]
+    assert plots["reports/evaluate/calibration.csv"]  # the reliability diagram
+    assert plots["reports/evaluate/predictions.csv"]  # the confusion matrix
+    assert plots["reports/evaluate/misclassified.png"][0]["type"] == "image"
+    assert plots["reports/evaluate/roc.csv"] == []  # no curve for five classes
+    assert "reports/baseline/history.csv" in plots
