@@ -3,6 +3,11 @@
 The package (``paths.register.package``) holds ``model.pt`` (the fine-tuned checkpoint, loadable
 with ``torch.load(weights_only=True)``), ``model_card.json`` and ``model_card.md``. When the gate
 fails the stage fails, naming each metric that missed its threshold, and writes nothing.
+
+The card holds only what this stage's declared deps and params determine, so ``dvc repro`` on a
+fresh clone reproduces it byte for byte. The code commit, the dirty flag, the environment and the
+comparison with the production version depend on git state and the machine: ``graft publish``
+records them in the version's git tag instead (see tasks/publish.py).
 """
 
 from __future__ import annotations
@@ -19,6 +24,11 @@ from tasks.config import Params, Register, load_params
 from tasks.errors import GraftError, run_main
 from tasks.hashing import file_sha256
 from tasks.ingested import manifest_path
+from tasks.package_layout import CARD_JSON, CARD_MARKDOWN, WEIGHTS
+
+# The register params the stage uses (dvc.yaml lists the same keys); max_drop_vs_prod is
+# publish's, so changing it must not re-run the stage.
+GATE_KEYS = ("name", "min_accuracy", "min_class_recall")
 
 
 class GateError(GraftError):
@@ -45,11 +55,43 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def data_summary(ingest_metrics: dict[str, Any], split_metrics: dict[str, Any]) -> dict[str, Any]:
+    """Images per role, split and class, and rejected files per role and reason."""
+    rejected = {
+        role: {
+            verdict: count
+            for verdict, count in counts.get("verdicts", {}).items()
+            if verdict != "accepted" and count
+        }
+        for role, counts in ingest_metrics.items()
+    }
+    accepted = {
+        role: {"total": counts.get("accepted"), "classes": counts.get("accepted_per_class", {})}
+        for role, counts in ingest_metrics.items()
+    }
+    return {"accepted": accepted, "splits": split_metrics, "rejected": rejected}
+
+
+def used_params(params: Params) -> dict[str, Any]:
+    """Every param the pipeline's result depends on (the register stage declares them all)."""
+    dump = {
+        "common": params.common.model_dump(mode="json"),
+        "ingest": params.ingest.model_dump(mode="json", exclude={"workers"}),
+        "split": params.split.model_dump(mode="json"),
+        "pretrain": params.pretrain.model_dump(mode="json"),
+        "finetune": params.finetune.model_dump(mode="json"),
+        "evaluate": params.evaluate.model_dump(mode="json"),
+        "register": params.registry.model_dump(mode="json", include=set(GATE_KEYS)),
+    }
+    return dump
+
+
 def model_card(params: Params, metrics: dict[str, Any]) -> dict[str, Any]:
     """Everything a user of the model needs, and the hashes of what produced it."""
     paths = params.paths
     _, meta = load_checkpoint(paths.finetune.checkpoint)
     _, backbone = load_checkpoint(paths.pretrain.checkpoint)
+    pretrained_sha256 = file_sha256(paths.pretrain.checkpoint)
     return {
         "name": params.registry.name,
         "architecture": meta.arch,
@@ -63,43 +105,66 @@ def model_card(params: Params, metrics: dict[str, Any]) -> dict[str, Any]:
             "std": meta.std,
         },
         "metrics": metrics,
+        "gate": {
+            "min_accuracy": params.registry.min_accuracy,
+            "min_class_recall": params.registry.min_class_recall,
+            "passed": True,
+        },
         "training": {
             "init": meta.init,
             "best_epoch": meta.epoch,
             "best_phase": meta.extra.get("best_phase"),
             "validation": meta.metrics,
-            "backbone": {"arch": backbone.arch, "classes": backbone.classes, "init": backbone.init},
+            "extra": meta.extra,
+            "seed": params.common.seed,
+            "device_setting": params.common.device,
         },
-        "data": {
-            "ingest": read_json(paths.ingest.metrics),
-            "split": read_json(paths.split.metrics),
+        # Where the starting weights came from: the backbone checkpoint's own record
+        # (scratch, imagenet:<weights>, ...) and any provenance it carries, kept whole.
+        "weights_provenance": {
+            "finetuned_from": {"sha256": pretrained_sha256, "init": meta.init},
+            "backbone": {
+                "arch": backbone.arch,
+                "classes": backbone.classes,
+                "init": backbone.init,
+                "extra": backbone.extra,
+            },
         },
-        "params": {
-            "common": params.common.model_dump(mode="json"),
-            "pretrain": params.pretrain.model_dump(mode="json"),
-            "finetune": params.finetune.model_dump(mode="json"),
-            "register": params.registry.model_dump(mode="json"),
-        },
+        "data": data_summary(read_json(paths.ingest.metrics), read_json(paths.split.metrics)),
+        "params": used_params(params),
         "inputs_sha256": {
             "manifest": file_sha256(manifest_path(paths.ingest.dataset)),
             "splits": file_sha256(paths.split.splits),
-            "pretrained_weights": file_sha256(paths.pretrain.checkpoint),
+            "pretrained_weights": pretrained_sha256,
             "weights": file_sha256(paths.finetune.checkpoint),
         },
     }
 
 
+def _counts_table(card: dict[str, Any]) -> list[str]:
+    lines = ["| role | split | images | per class |", "| --- | --- | --- | --- |"]
+    for role, splits in card["data"]["splits"].items():
+        for split, counts in splits.items():
+            classes = ", ".join(f"{k}: {v}" for k, v in counts["classes"].items())
+            lines.append(f"| {role} | {split} | {counts['total']} | {classes} |")
+    return lines
+
+
 def render_markdown(card: dict[str, Any]) -> str:
     metrics = card["metrics"]
+    provenance = card["weights_provenance"]["backbone"]
     lines = [
         f"# Model card: {card['name']}",
         "",
         f"- Architecture: `{card['architecture']}`, fine-tuned from `{card['training']['init']}`",
+        f"- Backbone weights: `{provenance['init']}` ({provenance['arch']}, "
+        f"trained on {len(provenance['classes'])} classes)",
         f"- Classes ({len(card['classes'])}): {', '.join(card['classes'])}",
         f"- Input: {card['input']['image_size']} px RGB, mean {card['input']['mean']}, "
         f"std {card['input']['std']}",
         f"- Test accuracy: {metrics['accuracy']:.4f}, macro F1: {metrics['macro_f1']:.4f} "
         f"({metrics['test_images']} images)",
+        f"- Seed: {card['training']['seed']}, device setting: {card['training']['device_setting']}",
         "",
         "| class | precision | recall | F1 | support |",
         "| --- | --- | --- | --- | --- |",
@@ -109,8 +174,17 @@ def render_markdown(card: dict[str, Any]) -> str:
             f"| {label} | {scores['precision']:.3f} | {scores['recall']:.3f} | "
             f"{scores['f1']:.3f} | {scores['support']} |"
         )
+    lines += ["", "## Data", "", *_counts_table(card), ""]
+    for role, reasons in card["data"]["rejected"].items():
+        listed = ", ".join(f"{reason}: {n}" for reason, n in reasons.items()) or "none"
+        lines.append(f"- Rejected ({role}): {listed}")
     lines += ["", "## Inputs (sha256)", ""]
     lines += [f"- {name}: `{digest}`" for name, digest in card["inputs_sha256"].items()]
+    lines += [
+        "",
+        "Code commit, dirty flag and environment are recorded when a version is published "
+        "(`graft lineage show <name>@<version>`).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -122,11 +196,9 @@ def register(params: Params) -> dict[str, Any]:
         raise GateError("model not registered, gate failed:\n  " + "\n  ".join(failures))
     card = model_card(params, metrics)
     with atomic.atomic_path(params.paths.registry.package, directory=True) as package:
-        shutil.copyfile(params.paths.finetune.checkpoint, package / "model.pt")
-        (package / "model_card.json").write_text(
-            json.dumps(card, indent=2) + "\n", encoding="utf-8"
-        )
-        (package / "model_card.md").write_text(render_markdown(card), encoding="utf-8")
+        shutil.copyfile(params.paths.finetune.checkpoint, package / WEIGHTS)
+        (package / CARD_JSON).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+        (package / CARD_MARKDOWN).write_text(render_markdown(card), encoding="utf-8")
     return card
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import yaml
 from conftest import ROOT
 
 from tasks.config import load_params
-from tasks.register import gate_failures
+from tasks.register import data_summary, gate_failures, used_params
 
 
 def metrics(accuracy: float, recalls: dict[str, float]) -> dict[str, object]:
@@ -22,3 +23,31 @@ def test_gate_passes_and_fails_naming_metric_and_threshold() -> None:
         "accuracy 0.8500 < register.min_accuracy 0.9",
         "recall of class 'a' 0.7000 < register.min_class_recall 0.8",
     ]
+
+
+def test_data_summary_counts_rejections_by_reason_and_images_per_split() -> None:
+    ingest = {
+        "target": {
+            "accepted": 3,
+            "accepted_per_class": {"a": 2, "b": 1},
+            "verdicts": {"accepted": 3, "corrupt": 1, "duplicate": 2, "zero_byte": 0},
+        }
+    }
+    split = {"target": {"train": {"total": 3, "classes": {"a": 2, "b": 1}}}}
+    summary = data_summary(ingest, split)
+    assert summary["rejected"] == {"target": {"corrupt": 1, "duplicate": 2}}
+    assert summary["accepted"] == {"target": {"total": 3, "classes": {"a": 2, "b": 1}}}
+    assert summary["splits"] == split
+
+
+def test_card_params_are_exactly_the_params_the_stage_declares() -> None:
+    # The card may only depend on what dvc.yaml declares, or `dvc repro` is not reproducible.
+    declared = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["register"]["params"]
+    params = load_params(ROOT / "params.yaml")
+    card_keys = {
+        f"{section}.{key}" if section in ("register", "ingest") else section
+        for section, values in used_params(params).items()
+        for key in (values if section in ("register", "ingest") else [None])
+    }
+    assert card_keys == set(declared)
+    assert "register.max_drop_vs_prod" not in card_keys

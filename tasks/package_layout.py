@@ -1,0 +1,12 @@
+"""The layout of the registered model package (``paths.register.package``)."""
+
+from __future__ import annotations
+
+WEIGHTS = "model.pt"  # the fine-tuned checkpoint, loadable with torch.load(weights_only=True)
+CARD_JSON = "model_card.json"
+CARD_MARKDOWN = "model_card.md"
+
+
+def card_file(package: str) -> str:
+    """The model card's path inside a package, as a POSIX path (as dvc.lock writes them)."""
+    return f"{package.rstrip('/')}/{CARD_JSON}"
