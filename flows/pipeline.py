@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import networkx as nx
 from prefect import flow, task
@@ -195,6 +196,26 @@ def _sync_with_remote(root: Path, *command: str) -> None:
     logger.info("dvc %s: %s", command[0], _dvc(root, *command).strip())
 
 
+@task(name="publish")
+def _publish(root: Path, bump: Literal["patch", "minor", "major"], stage: str | None) -> None:
+    """`graft publish` as a task: a new model version, or a clear note that nothing is new."""
+    from tasks.publish import AlreadyPublished, PublishError, publish
+
+    logger = get_run_logger()
+    try:
+        published = publish(root, bump=bump, stage=stage)
+    except AlreadyPublished as note:  # a scheduled run with nothing new: not a failure
+        logger.info("publish: nothing new to publish: %s", note)
+        return
+    except PublishError as error:
+        raise StageFailed(f"publish refused: {error}") from None
+    stage_note = f", stage tag {published.stage_tag}" if published.stage_tag else ""
+    pushed = "data pushed to the DVC remote" if published.pushed else "no DVC remote to push to"
+    logger.info(
+        "publish: %s at commit %s%s; %s", published.tag, published.commit[:12], stage_note, pushed
+    )
+
+
 @flow(name="graft-pipeline", log_prints=True)
 def pipeline(
     root: str = ".",
@@ -203,13 +224,16 @@ def pipeline(
     pull: bool = False,
     push: bool = False,
     publish: bool = False,
+    publish_bump: Literal["patch", "minor", "major"] = "patch",
+    publish_stage: str | None = None,
     wait_for_workspace_s: float = 0.0,
 ) -> list[StageResult]:
     """Run the DVC pipeline in ``root``, a task per stage; ``stages`` limits it (with upstream).
 
-    ``pull``/``push`` sync data with the DVC remote when one is configured.
+    ``pull``/``push`` sync data with the DVC remote when one is configured. ``publish`` then
+    registers the model as the next version (``publish_bump``), optionally assigning it
+    ``publish_stage``, exactly as `graft publish` does.
     """
-    logger = get_run_logger()
     project = Path(root).resolve()
     params = load_params(project / "params.yaml")  # bad params fail before any stage runs
     settings = params.run
@@ -230,7 +254,7 @@ def pipeline(
             )
         if push:
             _sync_with_remote(project, "push")
-    if publish:
-        logger.warning("publish: graft has no model registry step yet; nothing was published")
-    publish_run_artifacts(project, params, [r.row() for r in results])
+        publish_run_artifacts(project, params, [r.row() for r in results])
+        if publish:  # still holding the workspace: it commits dvc.lock and tags the commit
+            _publish(project, bump=publish_bump, stage=publish_stage)
     return results

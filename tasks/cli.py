@@ -12,6 +12,7 @@ from pathlib import Path
 
 from tasks.config import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, DEFAULT_PARAMS, load_params
 from tasks.errors import GraftError, run_main
+from tasks.registry_cli import add_commands as add_registry_commands
 
 
 def _check(arguments: argparse.Namespace) -> None:
@@ -55,13 +56,27 @@ def _run(arguments: argparse.Namespace) -> None:
 
     try:
         results = pipeline(
-            root=str(arguments.root), stages=arguments.stages or None, force=arguments.force
+            root=str(arguments.root),
+            stages=arguments.stages or None,
+            force=arguments.force,
+            publish=arguments.publish,
+            publish_bump=arguments.bump,
+            publish_stage=arguments.stage,
         )
     except StageFailed as error:
         raise GraftError(str(error)) from None
     for result in results:
         state = "ran" if result.ran else "up to date (DVC cache)"
         print(f"{result.stage}: {state} ({result.seconds:.1f}s)")
+
+
+def _serve(arguments: argparse.Namespace) -> None:
+    from flows.serve import DeploymentSpecError, serve_deployments  # Prefect only when asked for
+
+    try:
+        serve_deployments(arguments.root)
+    except DeploymentSpecError as error:
+        raise GraftError(str(error)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,11 +109,28 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("stages", nargs="*", help="only these stages (and their upstream)")
     run.add_argument("--force", action="store_true", help="run stages even when up to date")
     run.add_argument("--root", type=Path, default=Path("."), help="project root")
+    run.add_argument(
+        "--publish", action="store_true", help="then publish the model as `graft publish` does"
+    )
+    run.add_argument("--bump", choices=["patch", "minor", "major"], default="patch")
+    run.add_argument("--stage", help="with --publish: assign this stage (e.g. dev, prod)")
     run.set_defaults(handler=_run)
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve prefect.yaml's deployments from this machine (no work pool or worker)",
+        description="Registers the deployments of prefect.yaml (schedules, parameters, "
+        "concurrency limits) with the Prefect server at PREFECT_API_URL and runs their flow "
+        "runs here, one at a time, until interrupted. Schedules are paused on shutdown.",
+    )
+    serve.add_argument("--root", type=Path, default=Path("."), help="project root")
+    serve.set_defaults(handler=_serve)
 
     demo = commands.add_parser("demo", help="(re)write the built-in digits demo images")
     demo.add_argument("--out", type=Path, default=Path("data/demo"))
     demo.set_defaults(handler=_demo)
+
+    add_registry_commands(commands)  # publish, lineage
     return parser
 
 

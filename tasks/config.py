@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import (
@@ -27,6 +27,7 @@ from tasks.errors import GraftError
 DEFAULT_PARAMS = Path("params.yaml")
 DEFAULT_MIN_SIDE = 8
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold
+DEFAULT_CALIBRATION_BINS = 15  # as in Guo et al. 2017, the usual choice for ECE
 Role = Literal["pretrain", "target"]
 ROLES: tuple[Role, ...] = ("pretrain", "target")
 
@@ -47,6 +48,9 @@ class Common(_Strict):
     std: tuple[float, float, float]
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     num_workers: int = Field(default=0, ge=0)
+    pin_memory: bool = False  # page-locked batches: faster copies to a CUDA device
+    amp: bool = True  # mixed precision (float16 autocast + gradient scaling); CUDA only
+    channels_last: bool = False  # NHWC memory format: faster convolutions on recent GPUs
 
     @field_validator("std")
     @classmethod
@@ -74,15 +78,20 @@ class TrainPaths(_Strict):
     checkpoint: Path
     metrics: Path
     history: Path
+    resume: Path | None = None  # per-epoch state of an interrupted run; None: never resume
 
 
 class EvaluatePaths(_Strict):
     metrics: Path
     predictions: Path
+    calibration: Path  # reliability diagram table
+    roc: Path  # ROC curve table (rows only for two classes)
+    misclassified: Path  # PNG grid of the most confident mistakes
 
 
 class RegisterPaths(_Strict):
     package: Path
+    lineage_index: Path  # not a pipeline output: `graft lineage`'s index, rebuilt on demand
 
 
 class Paths(_Strict):
@@ -90,6 +99,7 @@ class Paths(_Strict):
     split: SplitPaths
     pretrain: TrainPaths
     finetune: TrainPaths
+    baseline: TrainPaths  # the finetune recipe from random weights
     evaluate: EvaluatePaths
     # "register" would shadow BaseModel.register (from ABCMeta); the YAML key stays "register".
     registry: RegisterPaths = Field(alias="register")
@@ -153,7 +163,9 @@ class Augment(_Strict):
 
 class Pretrain(_Strict):
     arch: str
-    epochs: int = Field(ge=1)
+    # scratch | imagenet | imagenet:<weights name> | path of a graft checkpoint (tasks/weights.py)
+    init: str = "scratch"
+    epochs: int = Field(ge=0)  # 0: pass the init weights through untrained (not with scratch)
     batch_size: int = Field(ge=1)
     lr: float = Field(gt=0)
     weight_decay: float = Field(default=0, ge=0)
@@ -168,14 +180,25 @@ class Pretrain(_Strict):
         check_arch(arch)
         return arch
 
+    @model_validator(mode="after")
+    def _scratch_needs_training(self) -> Pretrain:
+        if self.init == "scratch" and self.epochs == 0:
+            raise ValueError("epochs: 0 passes the init weights through; init scratch has none")
+        return self
+
 
 class HeadPhase(_Strict):
     epochs: int = Field(ge=1)
     lr: float = Field(gt=0)
+    # top_module: the whole module holding the last linear layer (VGG's classifier);
+    # last_layer: only the new last linear layer (the backbone's other layers stay frozen).
+    scope: Literal["top_module", "last_layer"] = "top_module"
+    # Head inputs are computed once per view: 0 = one unaugmented pass, k = k augmented passes.
+    views: int = Field(default=0, ge=0, le=100)
 
 
 class UnfreezePhase(_Strict):
-    blocks: int = Field(ge=0)
+    blocks: Annotated[int, Field(ge=0)] | Literal["all"]
     epochs: int = Field(ge=0)
     lr: float = Field(gt=0)
     head_lr: float = Field(gt=0)
@@ -191,12 +214,18 @@ class Finetune(_Strict):
 
 class Evaluate(_Strict):
     batch_size: int = Field(ge=1)
+    # Equal-width bins of top-class confidence for the expected calibration error.
+    calibration_bins: int = Field(default=DEFAULT_CALIBRATION_BINS, ge=1, le=1000)
+    misclassified: int = Field(default=16, ge=1, le=400)  # images in the mistakes grid, at most
 
 
 class Register(_Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*[a-z0-9]$")
     min_accuracy: float = Field(ge=0, le=1)
     min_class_recall: float = Field(ge=0, le=1)
+    # Checked by `graft publish`, which reads the production version from git tags; a DVC
+    # stage may not, or its result would depend on something dvc.lock does not record.
+    max_drop_vs_prod: float = Field(default=0.0, ge=0, le=1)
 
 
 class Run(_Strict):

@@ -104,6 +104,9 @@ def make_dvc_project(repo: Path, sources: Path, with_flows: bool = False) -> Pat
         shutil.copy2(ROOT / name, repo / name)
     (repo / "params.yaml").write_text(yaml.safe_dump(tiny_params(sources), sort_keys=False))
     run(["git", "init", "-q", "-b", "main"], repo)
+    # An identity of the repository's own: code under test commits in-process (graft publish).
+    run(["git", "config", "user.name", "graft tests"], repo)
+    run(["git", "config", "user.email", "tests@graft.invalid"], repo)
     run(["dvc", "init", "-q"], repo)
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-q", "-m", "pipeline"], repo)

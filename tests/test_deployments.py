@@ -154,13 +154,19 @@ class Project:
         assert isinstance(rows, list), rows
         return {row["stage"]: row["status"] for row in rows}
 
-    def logs(self, flow_run_id: UUID) -> str:
+    def logs(self, flow_run_id: UUID, waiting_for: str = "") -> str:
+        """The run's log; logs reach the server in batches, so wait for ``waiting_for``."""
+        deadline = time.monotonic() + 30
         with self.server.client() as client:
-            found = client.read_logs(
-                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
-                limit=200,
-            )
-        return "\n".join(log.message for log in found)
+            while True:
+                found = client.read_logs(
+                    log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
+                    limit=200,
+                )
+                text = "\n".join(log.message for log in found)
+                if waiting_for in text or time.monotonic() > deadline:
+                    return text
+                time.sleep(1)
 
     def all_stages(self) -> set[str]:
         """Every stage of dvc.yaml, as the dvc command lists them."""
@@ -226,7 +232,8 @@ def test_a_run_with_nothing_new_is_all_cached(project: Project) -> None:
     flow_run = project.wait(project.trigger("on-demand"))
     assert flow_run.state is not None and flow_run.state.is_completed()
     assert project.stages(flow_run.id) == dict.fromkeys(project.all_stages(), "cached")
-    assert "register: up to date (DVC cache)" in project.logs(flow_run.id)
+    expected = "register: up to date (DVC cache)"
+    assert expected in project.logs(flow_run.id, waiting_for=expected)
 
 
 def test_overlapping_runs_wait_their_turn(project: Project) -> None:
@@ -294,8 +301,8 @@ def test_a_failing_stage_fails_the_run_and_stops_downstream(project: Project) ->
     finally:
         evaluate.write_text(original)
     assert flow_run.state is not None and flow_run.state.is_failed()
-    logs = project.logs(flow_run.id)
-    assert "evaluate | evaluation exploded" in logs  # the stage's own stderr, line by line
+    expected = "evaluate | evaluation exploded"  # the stage's own stderr, line by line
+    assert expected in project.logs(flow_run.id, waiting_for=expected)
     with project.server.client() as client:
         task_runs = client.read_task_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id]))

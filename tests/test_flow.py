@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,8 +21,6 @@ from flows.pipeline import (
 
 pytestmark = pytest.mark.slow
 
-ALL_STAGES = ["ingest", "split", "pretrain", "finetune", "evaluate", "register"]
-
 
 @pytest.fixture(scope="module", autouse=True)
 def prefect_server() -> Iterator[None]:
@@ -34,8 +33,19 @@ def ran(results: list[StageResult]) -> list[str]:
     return [r.stage for r in results if r.ran]
 
 
+def dvc_dag(repo: Path, *targets: str) -> tuple[set[str], set[tuple[str, str]]]:
+    """Stages and (upstream, downstream) edges as the `dvc dag` command reports them."""
+    dot = run(["dvc", "dag", "--dot", *targets], repo).stdout
+    edges = set(re.findall(r'"([^"]+)" -> "([^"]+)"', dot))
+    return set(re.findall(r'^"([^"]+)";$', dot, flags=re.MULTILINE)), edges
+
+
 def test_stage_order_comes_from_dvc(dvc_project: Path) -> None:
-    assert stage_order(dvc_project) == ALL_STAGES
+    for targets in ([], ["split"], ["evaluate"]):
+        stages, edges = dvc_dag(dvc_project, *targets)
+        order = stage_order(dvc_project, targets or None)
+        assert sorted(order) == sorted(stages)  # each stage once; with targets, their upstream
+        assert all(order.index(a) < order.index(b) for a, b in edges)  # upstream first
     assert stage_order(dvc_project, ["split"]) == ["ingest", "split"]
     with pytest.raises(ValueError, match=r"no such stage in dvc\.yaml: trian"):
         stage_order(dvc_project, ["trian"])
@@ -44,13 +54,23 @@ def test_stage_order_comes_from_dvc(dvc_project: Path) -> None:
 def test_flow_and_dvc_repro_share_one_cache(dvc_project: Path, tmp_path: Path) -> None:
     repo = dvc_project
     run(["dvc", "remote", "add", "-d", "store", str(tmp_path / "remote")], repo)
+    every_stage = stage_order(repo)
     first = pipeline(root=str(repo), push=True)
-    assert [r.stage for r in first] == ALL_STAGES and ran(first) == ALL_STAGES
+    assert [r.stage for r in first] == every_stage and ran(first) == every_stage
     assert "in sync" in run(["dvc", "status", "--cloud"], repo).stdout  # pushed
     assert "up to date" in run(["dvc", "status"], repo).stdout
     assert "Running stage" not in run(["dvc", "repro"], repo).stdout  # by hand: nothing to do
 
     assert ran(pipeline(root=str(repo))) == []  # every task: up to date (DVC cache)
+
+    # publish: the model becomes a version; a run with nothing new publishes nothing.
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-q", "-m", "first run"], repo)
+    assert ran(pipeline(root=str(repo), publish=True, publish_stage="dev")) == []
+    tags = run(["git", "tag", "--list"], repo).stdout.split()
+    assert sorted(tags) == ["digits-5-9#dev#1", "digits-5-9@v1.0.0"]  # GTO's tag formats
+    pipeline(root=str(repo), publish=True)
+    assert run(["git", "tag", "--list"], repo).stdout.split() == tags
 
     params = (repo / "params.yaml").read_text().replace("name: digits-5-9", "name: digits-b")
     (repo / "params.yaml").write_text(params)
