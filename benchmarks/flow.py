@@ -120,6 +120,9 @@ def main() -> None:
             full_flow, ran = timed_flow(by_flow)
             noop_repro = timed_repro(by_hand)
             cached_flow, ran_cached = timed_flow(by_flow)
+            from prefect.logging.handlers import APILogHandler
+
+            APILogHandler.flush()  # send the last log lines while the server is still up
         if ran_cached:
             raise SystemExit(f"the cached flow run ran stages: {ran_cached}")
     finally:
