@@ -122,7 +122,7 @@ def main() -> None:
             cached_flow, ran_cached = timed_flow(by_flow)
             from prefect.logging.handlers import APILogHandler
 
-            APILogHandler.flush()  # send the last log lines while the server is still up
+            APILogHandler().flush()  # send the last log lines while the server is still up
         if ran_cached:
             raise SystemExit(f"the cached flow run ran stages: {ran_cached}")
     finally:

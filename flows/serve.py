@@ -2,8 +2,8 @@
 
 `prefect deploy` + a worker is the multi-machine way; `graft serve` is the single-machine one. It
 reads the same deployments (names, schedules, parameters, concurrency limits) from prefect.yaml,
-so the schedule is written once, and runs their flow runs in this process's machine until
-stopped. The workspace is the project root it was started for.
+so the schedule is written once, and executes their flow runs on this machine until stopped.
+The workspace is the project root it was started for.
 """
 
 from __future__ import annotations

@@ -71,8 +71,16 @@ def _run(arguments: argparse.Namespace) -> None:
 
 
 def _serve(arguments: argparse.Namespace) -> None:
-    from flows.serve import DeploymentSpecError, serve_deployments  # Prefect only when asked for
+    from prefect.settings import PREFECT_API_URL  # Prefect only when asked for
 
+    from flows.serve import DeploymentSpecError, serve_deployments
+
+    if not PREFECT_API_URL.value():  # env var or Prefect profile
+        print(
+            "PREFECT_API_URL is not set: serving against a temporary server that forgets "
+            "its runs when stopped; start `prefect server start` and set PREFECT_API_URL",
+            file=sys.stderr,
+        )
     try:
         serve_deployments(arguments.root)
     except DeploymentSpecError as error:
