@@ -82,6 +82,23 @@ def deployments_for(root: Path) -> list[RunnerDeployment]:
 
 
 def serve_deployments(root: Path) -> None:
-    """Serve until interrupted; one flow run at a time on this machine."""
-    # Schedules are paused on shutdown (Prefect's default) so no run piles up while down.
-    serve(*deployments_for(root), limit=1)
+    """Serve until stopped; one flow run at a time on this machine."""
+    deployments = deployments_for(root)
+    try:
+        serve(*deployments, limit=1)
+    finally:
+        # Nothing runs these deployments once this process is gone: pause their schedules so
+        # runs do not pile up as Late. Serving again re-registers them with prefect.yaml's.
+        pause_schedules(pipeline.name, [d.name for d in deployments])
+
+
+def pause_schedules(flow_name: str, names: list[str]) -> None:
+    """Deactivate every schedule of the named deployments of ``flow_name``."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        for name in names:
+            deployment = client.read_deployment_by_name(f"{flow_name}/{name}")
+            for schedule in deployment.schedules:
+                if schedule.active:
+                    client.update_deployment_schedule(deployment.id, schedule.id, active=False)

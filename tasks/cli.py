@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve prefect.yaml's deployments from this machine (no work pool or worker)",
         description="Registers the deployments of prefect.yaml (schedules, parameters, "
         "concurrency limits) with the Prefect server at PREFECT_API_URL and runs their flow "
-        "runs here, one at a time, until interrupted. Schedules are paused on shutdown.",
+        "runs here, one at a time, until stopped (SIGTERM). Their schedules are paused on the "
+        "way out and restored by the next `graft serve`.",
     )
     serve.add_argument("--root", type=Path, default=Path("."), help="project root")
     serve.set_defaults(handler=_serve)

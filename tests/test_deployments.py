@@ -71,9 +71,9 @@ def _start(
         )  # fmt: skip
 
 
-def _stop(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+def _stop(process: subprocess.Popen[bytes]) -> None:
     if process.poll() is None:
-        os.killpg(process.pid, sig)
+        os.killpg(process.pid, signal.SIGTERM)
         try:
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
@@ -318,14 +318,8 @@ def test_graft_serve_serves_the_same_deployments_without_a_worker(project: Proje
         for name in ("nightly", "on-demand"):
             client.delete_deployment(client.read_deployment_by_name(f"graft-pipeline/{name}").id)
     log = project.repo.parent / "serve.log"
-    command = ["graft", "serve", "--root", str(project.repo)]
-    serve = _start(command, project.server.env, log, cwd=project.repo)
+    serve = _serve(project, log)
     try:
-        deadline = time.monotonic() + 120
-        while "being served" not in log.read_text():
-            assert serve.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(1)
         with project.server.client() as client:
             served = client.read_deployment_by_name("graft-pipeline/on-demand")
         assert served.work_pool_name is None  # run by the serving process, not by a worker
@@ -339,5 +333,28 @@ def test_graft_serve_serves_the_same_deployments_without_a_worker(project: Proje
             nightly = client.read_deployment_by_name("graft-pipeline/nightly")
         assert nightly.schedules[0].schedule.cron == "0 2 * * *"  # type: ignore[union-attr]
     finally:
-        _stop(serve, signal.SIGINT)
-    assert serve.returncode is not None
+        _stop(serve)  # SIGTERM, as a service manager stops it
+    assert serve.returncode == 0, log.read_text()  # a graceful shutdown
+    assert not _nightly_schedule_active(project)  # paused while nothing serves it
+    serve = _serve(project, log)  # serving again: the schedule is back
+    _stop(serve)
+    assert serve.returncode == 0, log.read_text()
+
+
+def _serve(project: Project, log: Path) -> subprocess.Popen[bytes]:
+    """`graft serve` for the project, once it reports its deployments served."""
+    command = ["graft", "serve", "--root", str(project.repo)]
+    serve = _start(command, project.server.env, log, cwd=project.repo)
+    deadline = time.monotonic() + 120
+    while "being served" not in log.read_text():
+        assert serve.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(1)
+    assert _nightly_schedule_active(project)
+    return serve
+
+
+def _nightly_schedule_active(project: Project) -> bool:
+    with project.server.client() as client:
+        (schedule,) = client.read_deployment_by_name("graft-pipeline/nightly").schedules
+    return schedule.active
