@@ -19,24 +19,14 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
+from flows.processes import env_with_this_python, local_prefect_server
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def tool_env() -> dict[str, str]:
-    bin_dir = str(Path(sys.executable).parent)
-    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
 def project_copy(destination: Path) -> Path:
@@ -51,48 +41,18 @@ def project_copy(destination: Path) -> Path:
         target = destination / name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source, target)
-    env = {**tool_env(), "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@graft.invalid"}
-    env |= {"GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@graft.invalid"}
+    env = env_with_this_python()
+    for role in ("AUTHOR", "COMMITTER"):
+        env |= {f"GIT_{role}_NAME": "bench", f"GIT_{role}_EMAIL": "bench@graft.invalid"}
     for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "x"]):
         subprocess.run(command, cwd=destination, env=env, check=True)
     return destination
 
 
-@contextmanager
-def prefect_server(home: Path) -> Iterator[str]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    url = f"http://127.0.0.1:{port}/api"
-    env = {
-        **tool_env(),
-        "PREFECT_HOME": str(home),
-        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    }
-    with (home / "server.log").open("wb") as log:
-        server = subprocess.Popen(
-            ["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-    try:
-        for _ in range(240):
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.5)
-        else:
-            raise SystemExit(f"prefect server did not start; see {home / 'server.log'}")
-        yield url
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
-
-
 def timed_repro(repo: Path) -> float:
     started = time.perf_counter()
-    subprocess.run(["dvc", "repro"], cwd=repo, env=tool_env(), check=True, capture_output=True)
+    env = env_with_this_python()
+    subprocess.run(["dvc", "repro"], cwd=repo, env=env, check=True, capture_output=True)
     return time.perf_counter() - started
 
 
@@ -112,7 +72,7 @@ def main() -> None:
     try:
         home = work / "prefect-home"
         home.mkdir()
-        with prefect_server(home) as url:
+        with local_prefect_server(home) as (url, _):
             os.environ["PREFECT_API_URL"] = url
             os.environ["PREFECT_HOME"] = str(home)
             by_hand, by_flow = project_copy(work / "by-hand"), project_copy(work / "by-flow")

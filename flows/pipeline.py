@@ -13,7 +13,6 @@ import fcntl
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ from prefect import flow, task
 from prefect.logging import get_run_logger
 
 from flows.artifacts import StageRow, publish_run_artifacts
+from flows.processes import env_with_this_python
 from tasks.config import load_params
 
 
@@ -83,13 +83,6 @@ def is_up_to_date(root: Path, stage: str) -> bool:
         return not found.status()
 
 
-def _dvc_env() -> dict[str, str]:
-    # The stage commands call `python`: make it this environment's, as `dvc repro` by hand
-    # in an activated environment would.
-    bin_dir = str(Path(sys.executable).parent)
-    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-
-
 DVC_LOCKED = "Unable to acquire lock"  # what dvc prints when another dvc command holds the repo
 
 
@@ -101,10 +94,11 @@ def _repro(root: Path, stage: str, force: bool, timeout_s: float) -> tuple[int, 
     logger = get_run_logger()
     command = ["dvc", "repro", "--single-item", stage] + (["--force"] if force else [])
     logger.info("%s: running `%s`", stage, " ".join(command))
-    # A session of its own, so a timeout can kill dvc and the stage command it started.
+    # A session of its own, so a timeout can kill dvc and the stage command it started. The
+    # stage commands call `python`: this environment's, as `dvc repro` by hand would use.
     process = subprocess.Popen(
-        command, cwd=root, env=_dvc_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, bufsize=1, start_new_session=True,
+        command, cwd=root, env=env_with_this_python(), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True,
     )  # fmt: skip
     killed = threading.Event()
     timer = threading.Timer(timeout_s, _kill_tree, args=(process, killed))
@@ -181,8 +175,9 @@ def workspace_lock(root: Path, wait_s: float) -> Iterator[None]:
 
 
 def _dvc(root: Path, *arguments: str) -> str:
+    env = env_with_this_python()
     result = subprocess.run(
-        ["dvc", *arguments], cwd=root, env=_dvc_env(), capture_output=True, text=True, check=True
+        ["dvc", *arguments], cwd=root, env=env, capture_output=True, text=True, check=True
     )
     return result.stdout
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 from prefect import serve
+from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import ConcurrencyLimitConfig
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 from prefect.schedules import Cron, Interval, RRule, Schedule
@@ -94,8 +95,6 @@ def serve_deployments(root: Path) -> None:
 
 def pause_schedules(flow_name: str, names: list[str]) -> None:
     """Deactivate every schedule of the named deployments of ``flow_name``."""
-    from prefect.client.orchestration import get_client
-
     with get_client(sync_client=True) as client:
         for name in names:
             deployment = client.read_deployment_by_name(f"{flow_name}/{name}")

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,14 +11,15 @@ from typing import Any
 import pytest
 import yaml
 
+from flows.processes import env_with_this_python
+
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "data" / "demo"
 
 
 def tool_env() -> dict[str, str]:
     """Environment for subprocesses: our bin dir first, so `python` and `dvc` are ours."""
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env = env_with_this_python()
     env["DVC_NO_ANALYTICS"] = "1"
     env.setdefault("GIT_AUTHOR_NAME", "graft tests")
     env.setdefault("GIT_AUTHOR_EMAIL", "tests@graft.invalid")

@@ -9,10 +9,7 @@ a schedule that picks up new images, a failing stage, then the same deployments 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -22,7 +19,6 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-import httpx
 import pytest
 from conftest import DEMO, copy_demo_subset, make_dvc_project, run, tool_env
 from prefect.client.orchestration import SyncPrefectClient
@@ -40,6 +36,8 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import FlowRun
 from prefect.client.schemas.schedules import SCHEDULE_TYPES, IntervalSchedule
 
+from flows.processes import local_prefect_server, start_in_own_session, stop_session
+
 pytestmark = pytest.mark.slow
 
 RUN_TIMEOUT_S = 900  # a full tiny pipeline takes well under a minute; CI machines can be slow
@@ -54,67 +52,17 @@ class Server:
         return SyncPrefectClient(self.url)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _start(
-    command: list[str], env: dict[str, str], log: Path, cwd: Path
-) -> subprocess.Popen[bytes]:
-    # A session of its own, so stopping it stops everything it started.
-    with log.open("wb") as out:
-        return subprocess.Popen(
-            command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    home = tmp_path_factory.mktemp("prefect-home")
-    url = f"http://127.0.0.1:{_free_port()}/api"
     env = {
         **tool_env(),
-        "PREFECT_HOME": str(home),
-        "PREFECT_API_URL": url,
-        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_UI_ENABLED": "false",
         "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
         "PREFECT_WORKER_QUERY_SECONDS": "1",
     }
-    port = url.split(":")[-1].split("/")[0]
-    command = ["prefect", "server", "start", "--host", "127.0.0.1", "--port", port]
-    log = home / "server.log"
-    server = _start(command, env, log, cwd=home)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if server.poll() is not None:
-                pytest.fail(f"prefect server exited:\n{log.read_text()}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"prefect server did not answer in 120s:\n{log.read_text()}")
-            time.sleep(0.5)
-        yield Server(url, env)
-    finally:
-        _stop(server)
+    home = tmp_path_factory.mktemp("prefect-home")
+    with local_prefect_server(home, env) as (url, server_env):
+        yield Server(url, server_env)
 
 
 @dataclass(frozen=True)
@@ -187,13 +135,13 @@ def project(tmp_path_factory: pytest.TempPathFactory, prefect_server: Server) ->
     env = prefect_server.env
     _prefect(["prefect", "work-pool", "create", "graft", "--type", "process"], repo, env)
     _prefect(["prefect", "--no-prompt", "deploy", "--all"], repo, env)
-    worker = _start(
+    worker = start_in_own_session(
         ["prefect", "worker", "start", "--pool", "graft"], env, base / "worker.log", repo
     )
     try:
         yield Project(repo, sources, prefect_server)
     finally:
-        _stop(worker)
+        stop_session(worker)
 
 
 def _prefect(command: list[str], cwd: Path, env: dict[str, str]) -> str:
@@ -333,18 +281,18 @@ def test_graft_serve_serves_the_same_deployments_without_a_worker(project: Proje
             nightly = client.read_deployment_by_name("graft-pipeline/nightly")
         assert nightly.schedules[0].schedule.cron == "0 2 * * *"  # type: ignore[union-attr]
     finally:
-        _stop(serve)  # SIGTERM, as a service manager stops it
+        stop_session(serve)  # SIGTERM, as a service manager stops it
     assert serve.returncode == 0, log.read_text()  # a graceful shutdown
     assert not _nightly_schedule_active(project)  # paused while nothing serves it
     serve = _serve(project, log)  # serving again: the schedule is back
-    _stop(serve)
+    stop_session(serve)
     assert serve.returncode == 0, log.read_text()
 
 
 def _serve(project: Project, log: Path) -> subprocess.Popen[bytes]:
     """`graft serve` for the project, once it reports its deployments served."""
     command = ["graft", "serve", "--root", str(project.repo)]
-    serve = _start(command, project.server.env, log, cwd=project.repo)
+    serve = start_in_own_session(command, project.server.env, log, cwd=project.repo)
     deadline = time.monotonic() + 120
     while "being served" not in log.read_text():
         assert serve.poll() is None, log.read_text()
