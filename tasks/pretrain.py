@@ -21,6 +21,7 @@ from tasks.checkpoints import CheckpointMeta, save_checkpoint
 from tasks.config import Common, Params, Pretrain, load_params
 from tasks.data import training_data
 from tasks.errors import run_main
+from tasks.folding import folded
 from tasks.ingested import manifest_path
 from tasks.models import replace_head
 from tasks.resume import clear, resume_folder
@@ -81,19 +82,20 @@ def pretrain(
         f"({len(data.classes)} classes), validating on {len(data.val_set)}, device {device}",
         file=sys.stderr,
     )
-    outcome = fit(
-        model,
-        [{"params": list(model.parameters()), "lr": settings.lr}],
-        data.train,
-        data.val,
-        epochs=settings.epochs,
-        patience=settings.patience,
-        device=device,
-        phase="pretrain",
-        weight_decay=settings.weight_decay,
-        speed=Speed(common.amp, common.channels_last),
-        resume=resume / "pretrain.pt" if resume else None,
-    )
+    with folded(model, common.image_size):  # VGG below 224 px: same training, less work
+        outcome = fit(
+            model,
+            [{"params": list(model.parameters()), "lr": settings.lr}],
+            data.train,
+            data.val,
+            epochs=settings.epochs,
+            patience=settings.patience,
+            device=device,
+            phase="pretrain",
+            weight_decay=settings.weight_decay,
+            speed=Speed(common.amp, common.channels_last),
+            resume=resume / "pretrain.pt" if resume else None,
+        )
     best = outcome.best
     assert best is not None  # fit runs at least one epoch
     metrics = {"val_accuracy": best.val_accuracy, "val_loss": best.val_loss}

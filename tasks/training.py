@@ -16,6 +16,7 @@ from torch import nn
 
 from tasks.atomic import atomic_path
 from tasks.checkpoints import CheckpointMeta
+from tasks.folding import track_weight_decay
 
 # Any re-iterable source of (inputs, targets) batches: a DataLoader, or cached features.
 Pairs = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -165,6 +166,7 @@ def fit(
     # 120M-parameter classifier the optimizer step is otherwise as slow as the forward pass.
     fused = device.type in ("cpu", "cuda")
     optimizer = torch.optim.AdamW(list(param_groups), weight_decay=weight_decay, fused=fused)
+    track_weight_decay(model, optimizer)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=speed.uses_amp(device))
     generator: torch.Generator | None = getattr(train, "generator", None)

@@ -75,3 +75,26 @@ def test_finetune_is_deterministic_on_cpu_with_cached_augmented_views(
     assert first.meta == second.meta
     for name, tensor in first.model.state_dict().items():
         assert torch.equal(tensor, second.model.state_dict()[name]), name
+
+
+def test_finetuned_vgg_is_saved_in_torchvision_layout(
+    prepared: tuple[Params, pd.DataFrame, Path], tmp_path: Path
+) -> None:
+    """VGG at 32 px trains folded (tasks/folding.py) and comes back as a plain torchvision VGG."""
+    from tasks.checkpoints import model_from_checkpoint, save_checkpoint
+    from tasks.models import build_model
+
+    params, splits, dataset = prepared
+    common = params.common.model_copy(update={"image_size": 32})
+    tuned = finetune(splits, dataset, params.finetune, common, backbone=None, arch="vgg11")
+    assert [r.phase for r in tuned.outcome.history] == ["head", "unfreeze"]
+    reference = build_model("vgg11", num_classes=5).state_dict()
+    state = tuned.model.state_dict()
+    assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in reference.items()}
+    checkpoint = tmp_path / "vgg.pt"
+    save_checkpoint(checkpoint, tuned.model, tuned.meta)
+    loaded, _ = model_from_checkpoint(checkpoint)  # strict load into a fresh vgg11
+    images = torch.randn(2, 3, 32, 32)
+    loaded.eval(), tuned.model.eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded(images), tuned.model(images))
