@@ -6,6 +6,8 @@ works on tensors, so no epoch pays for JPEG/PNG decoding again.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from tasks.config import Augment, Common
 from tasks.errors import GraftError
 from tasks.imaging import load_rgb
 from tasks.ingested import image_path
+from tasks.training import resolve_device
 
 Batches = DataLoader[tuple[torch.Tensor, torch.Tensor]]
 
@@ -59,7 +62,10 @@ def load_split(
     unknown = sorted(set(rows["label"]) - set(index))
     if unknown:
         raise GraftError(f"{role}/{split} has classes {unknown} not among {classes}")
-    arrays = [torch.from_numpy(load_rgb(image_path(dataset, sha), size)) for sha in rows["sha256"]]
+    # Pillow releases the GIL while it decodes and resizes, so threads use every core.
+    paths = [image_path(dataset, sha) for sha in rows["sha256"]]
+    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+        arrays = [torch.from_numpy(a) for a in pool.map(load_rgb, paths, [size] * len(paths))]
     images = torch.stack(arrays).permute(0, 3, 1, 2).contiguous()
     targets = torch.tensor([index[label] for label in rows["label"]], dtype=torch.int64)
     return ImageSet(images, targets, list(classes), list(rows["sha256"]), list(rows["path"]))
@@ -107,6 +113,8 @@ def make_loader(
         generator=torch.Generator().manual_seed(common.seed),
         num_workers=common.num_workers,
         worker_init_fn=_seed_worker if common.num_workers else None,
+        # Page-locked batches only help copies to a CUDA device (and warn elsewhere).
+        pin_memory=common.pin_memory and resolve_device(common.device).type == "cuda",
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import sys
 import time
@@ -27,6 +28,8 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    # cuBLAS is deterministic only with a fixed workspace, set before its first use.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
@@ -105,21 +108,40 @@ class Speed:
         return self.amp and device.type == "cuda"
 
 
+class _Tally:
+    """Summed loss and correct predictions, kept on the device and read once per pass: each
+    read waits for the GPU, so reading per batch would stall it every step."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss = torch.zeros((), device=device)
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)
+        self.seen = 0
+
+    def add(self, loss_sum: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        self.loss += loss_sum.detach().float()
+        self.correct += (logits.argmax(1) == targets).sum()
+        self.seen += len(targets)
+
+    def means(self) -> tuple[float, float]:
+        """Mean loss and accuracy."""
+        return float(self.loss) / self.seen, int(self.correct) / self.seen
+
+
 def measure(
     model: nn.Module, batches: Pairs, device: torch.device, speed: Speed = Speed()
 ) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of ``model`` over ``batches``."""
     model.eval()
-    loss_sum, correct, seen = 0.0, 0, 0
+    tally = _Tally(device)
     with torch.no_grad():
         for inputs, targets in batches:
             targets = targets.to(device)
             with speed.autocast(device):
                 logits = model(speed.inputs(inputs, device)).float()
-            loss_sum += nn.functional.cross_entropy(logits, targets, reduction="sum").item()
-            correct += int((logits.argmax(1) == targets).sum())
-            seen += len(targets)
-    return loss_sum / seen, correct / seen
+            tally.add(
+                nn.functional.cross_entropy(logits, targets, reduction="sum"), logits, targets
+            )
+    return tally.means()
 
 
 def predict(model: nn.Module, batches: Pairs, device: torch.device) -> torch.Tensor:
@@ -191,7 +213,7 @@ def fit(
     for offset in range(len(history), 0 if stopped else epochs):
         started = time.perf_counter()
         _set_train_mode(model)
-        loss_sum, correct, seen = 0.0, 0, 0
+        tally = _Tally(device)
         for inputs, targets in train:
             targets = targets.to(device)
             optimizer.zero_grad(set_to_none=True)
@@ -201,14 +223,13 @@ def fit(
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            loss_sum += loss.item() * len(targets)
-            correct += int((logits.argmax(1) == targets).sum())
-            seen += len(targets)
+            tally.add(loss * len(targets), logits, targets)
         lr = optimizer.param_groups[0]["lr"]
         schedule.step()
         val_loss, val_accuracy = measure(model, val, device, speed)
+        train_loss, train_accuracy = tally.means()
         result = EpochResult(
-            phase, first_epoch + offset, loss_sum / seen, correct / seen, val_loss, val_accuracy, lr
+            phase, first_epoch + offset, train_loss, train_accuracy, val_loss, val_accuracy, lr
         )
         history.append(result)
         improved = result.beats(best)
