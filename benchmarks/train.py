@@ -1,23 +1,26 @@
 """Fine-tuning speed: graft's phase 1 and phase 2 against the textbook loop, same data and model.
 
 Generates an ImageFolder of JPEGs (coloured shapes on noisy backgrounds, one class per colour
-and shape), ingests and splits it with graft's own stages, and starts both sides from the same
-network: random weights by default (``--init imagenet`` uses torchvision's weights from the
-hub cache, which makes the accuracies meaningful; random VGG16 features are nearly constant).
-Then, for the same epochs, batch size, learning rates and augmentation:
+and shape) and a pretraining corpus of other colour-and-shape classes, ingests and splits both
+with graft's own stages, and starts both sides from the same network: VGG16 pretrained on the
+corpus by graft's pretrain stage (``--pretrain-epochs 0``: random weights; ``--init imagenet``:
+torchvision's weights from the hub cache). Then, for the same epochs, batch size, learning
+rates and augmentation:
 
 - textbook: ``torchvision.datasets.ImageFolder`` + transforms (every JPEG decoded and resized
   every epoch), the frozen backbone forwarded every epoch, AdamW with graft's cosine schedule
   and no weight decay (so only the engineering differs); phase 2 unfreezes the deepest
   block (VGG16: ``features[24:]``) at a low learning rate;
 - graft: :func:`tasks.finetune.finetune` (images decoded once, head inputs cached per view in
-  phase 1, fused AdamW, cosine schedule, best epoch kept).
+  phase 1, VGG's classifier input folded (tasks/folding.py), fused AdamW, cosine schedule,
+  best epoch kept).
 
 Phase 1 is timed for both head scopes (``top_module``: VGG's whole classifier; ``last_layer``:
 only the new layer). Prints a table; the last line is one JSON object.
 
     python benchmarks/train.py              # VGG16 at 32 px, 10 epochs (minutes on a CPU)
     python benchmarks/train.py --quick      # a smoke run in seconds
+    python benchmarks/train.py --seeds 0 1 2 3 4   # accuracy over several runs (a GPU helps)
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import torchvision
 from PIL import Image, ImageColor, ImageDraw
@@ -45,6 +49,7 @@ from tasks.config import (
     Finetune,
     HeadPhase,
     Ingest,
+    Pretrain,
     Source,
     Sources,
     Split,
@@ -60,6 +65,7 @@ from tasks.models import (
     last_linear_name,
     replace_head,
 )
+from tasks.pretrain import pretrain
 from tasks.split import make_splits
 from tasks.training import predict, resolve_device
 from tasks.weights import starting_weights
@@ -96,10 +102,17 @@ def draw_image(
     return image
 
 
-def generate(root: Path, classes: int, per_class: int, side: int, seed: int) -> list[str]:
-    """``per_class`` JPEGs for each of ``classes`` colour-and-shape classes under ``root``."""
+def generate(
+    root: Path, classes: int, per_class: int, side: int, seed: int, shift: int = 0
+) -> list[str]:
+    """``per_class`` JPEGs for each of ``classes`` colour-and-shape classes under ``root``.
+
+    Class i is hue i drawn as shape (i + shift) % 5: another ``shift`` gives other classes
+    made of the same colours and shapes (the pretraining corpus).
+    """
     rng = random.Random(seed)
-    names = [f"{hue}-{SHAPES[i % len(SHAPES)]}" for i, hue in enumerate(HUES)][:classes]
+    names = [f"{hue}-{SHAPES[(i + shift) % len(SHAPES)]}" for i, hue in enumerate(HUES)]
+    names = names[:classes]
     for name in names:
         hue, shape = name.split("-")
         (root / name).mkdir(parents=True)
@@ -110,11 +123,8 @@ def generate(root: Path, classes: int, per_class: int, side: int, seed: int) -> 
     return names
 
 
-def textbook_folders(splits: object, source: Path, out: Path) -> None:
+def textbook_folders(splits: pd.DataFrame, source: Path, out: Path) -> None:
     """ImageFolder trees ``out/<split>/<class>/`` linking the very files graft split."""
-    import pandas as pd
-
-    assert isinstance(splits, pd.DataFrame)
     for row in splits[splits["role"] == "target"].itertuples():
         link = out / str(row.split) / str(row.label) / Path(str(row.path)).name
         link.parent.mkdir(parents=True, exist_ok=True)
@@ -226,6 +236,28 @@ def textbook_accuracy(model: nn.Module, folder: Path, size: int, device: torch.d
     return correct / seen
 
 
+def backbone(
+    arguments: argparse.Namespace, splits: pd.DataFrame, dataset: Path, common: Common
+) -> tuple[nn.Module, str]:
+    """The network both loops start from, and how it was made.
+
+    With ``--init scratch`` and ``--pretrain-epochs`` > 0 (the default) it is graft's own
+    pretrain stage on the generated corpus of other classes: random VGG16 features are nearly
+    constant, so fine-tuning from them says little about either loop's accuracy.
+    """
+    if arguments.init != "scratch" or not arguments.pretrain_epochs:
+        return starting_weights(arguments.init, arguments.arch, 2).model, arguments.init
+    settings = Pretrain(
+        arch=arguments.arch, epochs=arguments.pretrain_epochs, batch_size=32, lr=3e-4,
+        patience=arguments.pretrain_epochs, augment=Augment(rotation=10, translate=0.1),
+    )  # fmt: skip
+    started = time.perf_counter()
+    trained = pretrain(splits, dataset, settings, common)
+    accuracy = trained.meta.metrics["val_accuracy"]
+    print(f"== pretrained in {time.perf_counter() - started:.0f}s: val accuracy {accuracy:.3f}")
+    return trained.model, f"pretrained on the generated corpus (val accuracy {accuracy:.3f})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="vgg16")
@@ -234,37 +266,46 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--size", type=int, default=32, help="training image size (px)")
     parser.add_argument("--source-size", type=int, default=64, help="generated JPEG side (px)")
-    parser.add_argument("--views", type=int, default=2, help="finetune.head.views for graft")
+    parser.add_argument("--views", type=int, default=4, help="finetune.head.views (params.yaml)")
     parser.add_argument("--device", default="auto")
     parser.add_argument(
         "--init",
         default="scratch",
-        help="starting weights as pretrain.init: scratch (random) or imagenet (hub cache)",
+        help="pretrain.init of the shared starting point: scratch (then --pretrain-epochs on "
+        "a generated corpus of other classes) or imagenet (torch hub cache)",
     )
+    parser.add_argument("--pretrain-epochs", type=int, default=8, help="0: random weights")
+    parser.add_argument("--pretrain-per-class", type=int, default=100)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed")
     parser.add_argument("--quick", action="store_true", help="3 classes, 2 epochs: seconds")
     arguments = parser.parse_args()
     if arguments.quick:
         arguments.classes, arguments.train_per_class, arguments.epochs = 3, 4, 2
+        arguments.pretrain_epochs, arguments.pretrain_per_class = 1, 10
     device = resolve_device(arguments.device)
     common = Common(seed=0, image_size=arguments.size, mean=MEAN, std=STD, device=arguments.device)
-    # Train fraction 0.5, val and test 0.25 each: train_per_class images per class to train on.
-    per_class = arguments.train_per_class * 2
-    figures: dict[str, object] = {}
+    # Per class: train_per_class to train on, half as many to validate, 1.5x as many to test
+    # (a larger test split, so that the two loops' accuracies differ by less than its noise).
+    per_class = arguments.train_per_class * 3
+    times: dict[str, list[float]] = {}
+    accuracies: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="graft-train-bench-") as scratch:
         root = Path(scratch)
         names = generate(root / "target", arguments.classes, per_class, arguments.source_size, 1)
-        generate(root / "pretrain", 2, 5, arguments.source_size, 2)  # the stage needs a corpus
+        corpus = arguments.pretrain_per_class
+        generate(root / "pretrain", arguments.classes, corpus, arguments.source_size, 2, shift=2)
         sources = Sources(
             pretrain=Source(uri=root / "pretrain", max_reject_fraction=0.0),
             target=Source(uri=root / "target", max_reject_fraction=0.0),
         )
-        manifest, _ = ingest(Ingest(sources=sources), root / "ingested", root / "cache")
+        dataset = root / "ingested"
+        manifest, _ = ingest(Ingest(sources=sources), dataset, root / "cache")
         fractions = {"pretrain": {"train": 0.8, "val": 0.2, "test": 0.0}}
-        fractions["target"] = {"train": 0.5, "val": 0.25, "test": 0.25}
+        fractions["target"] = {"train": 1 / 3, "val": 1 / 6, "test": 1 / 2}
         splits = make_splits(manifest, Split.model_validate(fractions), common.seed)
         textbook_folders(splits, root / "target", root / "folders")
         torch.manual_seed(common.seed)
-        start = starting_weights(arguments.init, arguments.arch, len(names)).model
+        start, start_description = backbone(arguments, splits, dataset, common)
         replace_head(start, len(names))
         checkpoint = root / "start.pt"
         meta = CheckpointMeta(
@@ -273,11 +314,8 @@ def main() -> None:
         )  # fmt: skip
         save_checkpoint(checkpoint, start, meta)
         train_images = int(((splits["role"] == "target") & (splits["split"] == "train")).sum())
-        test_set = load_split(
-            splits, root / "ingested", role="target", split="test", size=arguments.size
-        )
+        test_set = load_split(splits, dataset, role="target", split="test", size=arguments.size)
         epochs = arguments.epochs
-        rows: list[tuple[str, float, float, float | None, float | None]] = []
 
         def settings(scope: str, unfreeze_epochs: int) -> Finetune:
             return Finetune(
@@ -288,61 +326,93 @@ def main() -> None:
                 unfreeze=UnfreezePhase(blocks=1, epochs=unfreeze_epochs, lr=1e-5, head_lr=1e-4),
             )
 
-        for scope, unfreeze in (("top_module", True), ("last_layer", False)):
-            print(f"== {scope}: textbook loop", flush=True)
-            model = build_model(arguments.arch, len(names))
-            model.load_state_dict(start.state_dict())
-            torch.manual_seed(common.seed)
-            new_layer = model.get_submodule(last_linear_name(model))
-            assert isinstance(new_layer, nn.Linear)
-            new_layer.reset_parameters()
-            model.to(device)
-            text1, text2 = textbook_finetune(
-                model, root / "folders", size=arguments.size, epochs=epochs, batch_size=32,
-                head_lr=1e-3, deep_lr=1e-5, deep_head_lr=1e-4, scope=scope,
-                unfreeze=unfreeze, device=device,
-            )  # fmt: skip
-            baseline = textbook_accuracy(model, root / "folders" / "test", arguments.size, device)
-            print(f"== {scope}: graft", flush=True)
-            trained = finetune(
-                splits, root / "ingested", settings(scope, epochs if unfreeze else 0), common,
-                backbone=checkpoint, arch=arguments.arch,
-            )  # fmt: skip
-            loader = make_loader(test_set, common, batch_size=64)
-            probabilities = predict(trained.model.to(device), loader, device)
-            accuracy = float((probabilities.argmax(1) == test_set.targets).float().mean())
-            rows.append((f"phase 1 ({scope})", text1, trained.seconds["head"], None, None))
-            if unfreeze:
-                rows.append(("phase 2", text2, trained.seconds["unfreeze"], baseline, accuracy))
-                figures.update(accuracy=accuracy, baseline_accuracy=baseline)
-            else:
-                rows[-1] = (*rows[-1][:3], baseline, accuracy)
-                figures.update(last_layer_accuracy=accuracy, last_layer_baseline=baseline)
+        def record(key: str, value: float, into: dict[str, list[float]]) -> None:
+            into.setdefault(key, []).append(value)
 
+        for seed in arguments.seeds:
+            seeded = common.model_copy(update={"seed": seed})
+            for scope, unfreeze in (("top_module", True), ("last_layer", False)):
+                print(f"== seed {seed}, {scope}: textbook loop", flush=True)
+                model = build_model(arguments.arch, len(names))
+                model.load_state_dict(start.state_dict())
+                torch.manual_seed(seed)
+                new_layer = model.get_submodule(last_linear_name(model))
+                assert isinstance(new_layer, nn.Linear)
+                new_layer.reset_parameters()
+                model.to(device)
+                text1, text2 = textbook_finetune(
+                    model, root / "folders", size=arguments.size, epochs=epochs, batch_size=32,
+                    head_lr=1e-3, deep_lr=1e-5, deep_head_lr=1e-4, scope=scope,
+                    unfreeze=unfreeze, device=device,
+                )  # fmt: skip
+                baseline = textbook_accuracy(
+                    model, root / "folders" / "test", arguments.size, device
+                )
+                print(f"== seed {seed}, {scope}: graft", flush=True)
+                trained = finetune(
+                    splits, dataset, settings(scope, epochs if unfreeze else 0), seeded,
+                    backbone=checkpoint, arch=arguments.arch,
+                )  # fmt: skip
+                loader = make_loader(test_set, seeded, batch_size=64)
+                probabilities = predict(trained.model.to(device), loader, device)
+                accuracy = float((probabilities.argmax(1) == test_set.targets).float().mean())
+                record(f"{scope} phase 1 textbook", text1, times)
+                record(f"{scope} phase 1 graft", trained.seconds["head"], times)
+                if unfreeze:
+                    record("phase 2 textbook", text2, times)
+                    record("phase 2 graft", trained.seconds["unfreeze"], times)
+                record(f"{scope} textbook", baseline, accuracies)
+                record(f"{scope} graft", accuracy, accuracies)
+
+    def mean(values: list[float]) -> float:
+        return sum(values) / len(values)
+
+    rows = [
+        ("phase 1 (top_module)", "top_module phase 1", "top_module"),
+        ("phase 2", "phase 2", "top_module"),
+        ("phase 1 (last_layer)", "last_layer phase 1", "last_layer"),
+    ]
+    seeds = arguments.seeds
     print(
         f"\n{arguments.arch} at {arguments.size} px, {train_images} training images, "
-        f"{len(names)} classes, {epochs} epochs per phase, device {device}"
+        f"{len(names)} classes, {epochs} epochs per phase, device {device}, seeds {seeds}\n"
+        f"both loops start from: {start_description}; graft views: {arguments.views}\n"
+        f"seconds are per run (mean over seeds); accuracy is on {len(test_set)} test images, "
+        "after both phases for top_module"
     )
     header = ("", "textbook s", "img/s", "graft s", "img/s", "speedup", "acc text", "acc graft")
     print("".join(f"{h:>12}" if i else f"{h:<22}" for i, h in enumerate(header)))
-    for name, text_s, graft_s, base_acc, acc in rows:
+    speedups: dict[str, float] = {}
+    for label, timing, scope in rows:
+        text_s, graft_s = mean(times[f"{timing} textbook"]), mean(times[f"{timing} graft"])
+        speedups[label] = text_s / graft_s
         work = train_images * epochs
         cells = [f"{text_s:.1f}", f"{work / text_s:.1f}", f"{graft_s:.1f}", f"{work / graft_s:.1f}"]
-        cells.append(f"{text_s / graft_s:.2f}x")
-        cells += [f"{base_acc:.3f}" if base_acc is not None else "-"]
-        cells += [f"{acc:.3f}" if acc is not None else "-"]
-        print(f"{name:<22}" + "".join(f"{c:>12}" for c in cells))
-    figures.update(
-        phase1_speedup=rows[0][1] / rows[0][2],
-        phase2_speedup=rows[1][1] / rows[1][2],
-        phase1_last_layer_speedup=rows[2][1] / rows[2][2],
-        device=str(device),
-        arch=arguments.arch,
-        image_size=arguments.size,
-        init=arguments.init,
-        train_images=train_images,
-        epochs=epochs,
-    )
+        cells.append(f"{speedups[label]:.2f}x")
+        show = label != "phase 1 (top_module)"  # top_module accuracy is after phase 2
+        for side in ("textbook", "graft"):
+            cells.append(f"{mean(accuracies[f'{scope} {side}']):.3f}" if show else "-")
+        print(f"{label:<22}" + "".join(f"{c:>12}" for c in cells))
+    figures = {
+        "phase1_speedup": speedups["phase 1 (top_module)"],
+        "phase2_speedup": speedups["phase 2"],
+        "accuracy": mean(accuracies["top_module graft"]),
+        "baseline_accuracy": mean(accuracies["top_module textbook"]),
+        "device": str(device),
+        "phase1_last_layer_speedup": speedups["phase 1 (last_layer)"],
+        "last_layer_accuracy": mean(accuracies["last_layer graft"]),
+        "last_layer_baseline_accuracy": mean(accuracies["last_layer textbook"]),
+        "accuracies": accuracies,
+        "seconds": times,
+        "start": start_description,
+        "arch": arguments.arch,
+        "image_size": arguments.size,
+        "views": arguments.views,
+        "train_images": train_images,
+        "test_images": len(test_set),
+        "epochs": epochs,
+        "seeds": seeds,
+    }
     print(json.dumps(figures))
 
 
