@@ -91,15 +91,12 @@ def finetune(
         file=sys.stderr,
     )
     started = time.perf_counter()
-    deeper: FitOutcome | None = None
+    deeper = settings.unfreeze.blocks != 0 and settings.unfreeze.epochs > 0
     with folded(model, common.image_size):  # VGG below 224 px: same training, less work
-        outcome = head_only = train_head(model, data, settings, common, device, resume)
+        outcome = train_head(model, data, settings, common, device, resume)
         head_done = time.perf_counter()
-        if settings.unfreeze.blocks != 0 and settings.unfreeze.epochs > 0:
-            deeper = train_deeper(model, data, settings, common, device, head_only, resume)
-            outcome = FitOutcome(head_only.history + deeper.history, head_only.best)
-            if deeper.best is not None and deeper.best.beats(head_only.best):
-                outcome.best = deeper.best
+        if deeper:
+            outcome = train_deeper(model, data, settings, common, device, outcome, resume)
     finished = time.perf_counter()
     # Wall time per phase. Phase 1 is charged with decoding too (the textbook loop decodes
     # every epoch); the last phase with unfolding.
@@ -172,7 +169,8 @@ def train_deeper(
 ) -> FitOutcome:
     """Phase 2: the deepest blocks unfrozen at a low learning rate, the head at its own.
 
-    When no epoch beats phase 1's best, the model goes back to phase 1's weights.
+    Returns both phases' history and the better best epoch; when no phase 2 epoch beats phase
+    1's best, the model goes back to phase 1's weights.
     """
     head_only_state = copy.deepcopy(model.state_dict())
     phase2 = settings.unfreeze
@@ -193,9 +191,12 @@ def train_deeper(
         speed=Speed(common.amp, common.channels_last),
         resume=resume / "unfreeze.pt" if resume else None,
     )
-    if deeper.best is None or not deeper.best.beats(head_only.best):
+    outcome = FitOutcome(head_only.history + deeper.history, head_only.best, deeper.seconds)
+    if deeper.best is not None and deeper.best.beats(head_only.best):
+        outcome.best = deeper.best
+    else:
         model.load_state_dict(head_only_state)
-    return deeper
+    return outcome
 
 
 def main() -> None:
