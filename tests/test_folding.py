@@ -30,10 +30,18 @@ def test_cell_groups_follow_the_pool_windows() -> None:
     assert int(cell_groups(pool_windows(pool, 4, 4)).max()) + 1 == 49  # nothing to fold
 
 
-@pytest.mark.parametrize(("size", "columns"), [(32, 512), (64, 512 * 9)])
-def test_folded_vgg_computes_what_the_full_one_does(size: int, columns: int) -> None:
+@pytest.fixture(scope="module")
+def vgg11() -> nn.Module:
+    """torchvision's VGG11, built once (initialising 133M weights takes seconds); copy it."""
     torch.manual_seed(0)
-    model = build_model("vgg11", num_classes=3).eval()
+    return build_model("vgg11", num_classes=3)
+
+
+@pytest.mark.parametrize(("size", "columns"), [(32, 512), (64, 512 * 9)])
+def test_folded_vgg_computes_what_the_full_one_does(
+    vgg11: nn.Module, size: int, columns: int
+) -> None:
+    model = copy.deepcopy(vgg11).eval()
     images = torch.randn(4, 3, size, size)
     with torch.no_grad():
         expected = model(images)
@@ -46,13 +54,14 @@ def test_folded_vgg_computes_what_the_full_one_does(size: int, columns: int) -> 
         assert torch.allclose(model(images), expected, atol=1e-5)
 
 
-def test_nothing_is_folded_where_the_pool_does_not_repeat_cells() -> None:
-    for arch, size in (("vgg11", 128), ("resnet18", 32), ("alexnet", 64)):
+def test_nothing_is_folded_where_the_pool_does_not_repeat_cells(vgg11: nn.Module) -> None:
+    assert not fold(copy.deepcopy(vgg11), 128)  # a 4x4 map: 49 distinct cells
+    for arch, size in (("resnet18", 32), ("alexnet", 64)):
         assert not fold(build_model(arch, num_classes=2), size), arch
 
 
 def test_a_folded_model_refuses_another_image_size() -> None:
-    model = build_model("vgg11", num_classes=2)
+    model = small_vgg(classes=2)
     fold(model, 32)
     with pytest.raises(ModelError, match="image size"):
         model(torch.zeros(1, 3, 64, 64))
