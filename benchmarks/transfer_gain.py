@@ -4,10 +4,13 @@ Uses the workspace's pipeline outputs (run ``dvc repro`` first): the ingested da
 pretrained checkpoint and the finetune params. For each seed it re-splits the target source
 with that seed, fine-tunes twice with the same recipe (once from ``paths.pretrain.checkpoint``,
 once from random weights) and scores both on the test split. Few-shot results swing with the
-draw of the training images, so several seeds are the default. Prints a table and, last, one
-JSON line with the figures.
+draw of the training images, so several seeds are the default. ``--set`` tries another
+finetune recipe without editing params.yaml. Prints a table and, last, one JSON line with the
+figures.
 
     python benchmarks/transfer_gain.py --seeds 1 2 3 --train-fraction 0.06
+    python benchmarks/transfer_gain.py --set finetune.unfreeze.blocks=all \\
+        --set finetune.unfreeze.lr=1e-4
 """
 
 from __future__ import annotations
@@ -17,14 +20,33 @@ import json
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
-from tasks.config import Fractions, load_params
+import yaml
+
+from tasks.config import Fractions, parse_params
+from tasks.errors import run_main
 from tasks.evaluate import evaluate
 from tasks.finetune import finetune
 from tasks.ingested import read_manifest
 from tasks.split import make_splits
 
 STARTS = ("pretrained", "scratch")
+
+
+def with_overrides(raw: dict[str, Any], assignments: list[str]) -> dict[str, Any]:
+    """``raw`` params with each ``finetune.KEY.PATH=VALUE`` applied (VALUE read as YAML)."""
+    for assignment in assignments:
+        dotted, separator, value = assignment.partition("=")
+        keys = dotted.split(".")
+        if not separator or keys[0] != "finetune" or len(keys) < 2:
+            # The pretrained checkpoint is the workspace's: only the finetune recipe can vary.
+            raise SystemExit(f"--set {assignment!r}: expected finetune.<key>=<value>")
+        node = raw
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = yaml.safe_load(value)
+    return raw
 
 
 def main() -> None:
@@ -36,8 +58,16 @@ def main() -> None:
         type=float,
         help="override split.target.train (val kept, test takes the rest)",
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="finetune.KEY=VALUE",
+        help="override a finetune param for this run (repeatable)",
+    )
     arguments = parser.parse_args()
-    params = load_params(arguments.params)
+    raw = yaml.safe_load(arguments.params.read_text(encoding="utf-8"))
+    params = parse_params(with_overrides(raw, arguments.set), str(arguments.params))
     split_settings = params.split
     if arguments.train_fraction is not None:
         val = split_settings.target.val
@@ -70,6 +100,7 @@ def main() -> None:
             print(f"seed {seed} {start}: test accuracy {accuracy[start][-1]:.4f}", flush=True)
 
     figures: dict[str, object] = {"seeds": arguments.seeds, "target_train_images": train_images}
+    figures["overrides"] = arguments.set
     print(f"\ntarget train images: {train_images} (seeds {arguments.seeds})")
     print(f"{'start':<12}{'mean acc':>10}{'min':>8}{'max':>8}{'seconds':>9}")
     for start in STARTS:
@@ -82,9 +113,17 @@ def main() -> None:
         )
     gains = [p - s for p, s in zip(accuracy["pretrained"], accuracy["scratch"], strict=True)]
     figures["transfer_gain_mean"] = statistics.fmean(gains)
-    print(f"transfer gain (accuracy, mean over seeds): {statistics.fmean(gains):+.4f}")
+    # Seeds pair the two starts on the same split, so the paired differences are the evidence:
+    # a gain is measurable when it stands clear of its standard error.
+    error = statistics.stdev(gains) / len(gains) ** 0.5 if len(gains) > 1 else float("nan")
+    wins = sum(gain > 0 for gain in gains)
+    figures.update(transfer_gain_standard_error=error, pretrained_wins=wins)
+    print(
+        f"transfer gain (accuracy, mean over seeds): {statistics.fmean(gains):+.4f} "
+        f"(standard error {error:.4f}; pretrained ahead on {wins} of {len(gains)} seeds)"
+    )
     print(json.dumps(figures))
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
