@@ -59,6 +59,8 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]
         "PREFECT_SERVER_UI_ENABLED": "false",
         "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
         "PREFECT_WORKER_QUERY_SECONDS": "1",
+        # A run held by the deployment's limit retries after this many seconds (default 30).
+        "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "2",
     }
     home = tmp_path_factory.mktemp("prefect-home")
     with local_prefect_server(home, env) as (url, server_env):
