@@ -8,6 +8,8 @@ The workspace is the project root it was started for.
 
 from __future__ import annotations
 
+import signal
+import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from prefect import serve
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import ConcurrencyLimitConfig
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
+from prefect.exceptions import ObjectNotFound
 from prefect.schedules import Cron, Interval, RRule, Schedule
 
 from flows.pipeline import pipeline
@@ -85,6 +88,10 @@ def deployments_for(root: Path) -> list[RunnerDeployment]:
 def serve_deployments(root: Path) -> None:
     """Serve until stopped; one flow run at a time on this machine."""
     deployments = deployments_for(root)
+    # Prefect's runner exits cleanly on SIGTERM, but only installs its handler after it has
+    # registered the deployments and announced them. Until then SIGTERM would kill this process
+    # outright and skip the pause below, leaving schedules active with nothing serving them.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         serve(*deployments, limit=1)
     finally:
@@ -97,7 +104,10 @@ def pause_schedules(flow_name: str, names: list[str]) -> None:
     """Deactivate every schedule of the named deployments of ``flow_name``."""
     with get_client(sync_client=True) as client:
         for name in names:
-            deployment = client.read_deployment_by_name(f"{flow_name}/{name}")
+            try:
+                deployment = client.read_deployment_by_name(f"{flow_name}/{name}")
+            except ObjectNotFound:  # stopped before it was registered: nothing to pause
+                continue
             for schedule in deployment.schedules:
                 if schedule.active:
                     client.update_deployment_schedule(deployment.id, schedule.id, active=False)
