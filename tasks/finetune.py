@@ -191,7 +191,9 @@ def train_deeper(
         speed=Speed(common.amp, common.channels_last),
         resume=resume / "unfreeze.pt" if resume else None,
     )
-    outcome = FitOutcome(head_only.history + deeper.history, head_only.best, deeper.seconds)
+    outcome = FitOutcome(
+        head_only.history + deeper.history, head_only.best, head_only.seconds + deeper.seconds
+    )
     if deeper.best is not None and deeper.best.beats(head_only.best):
         outcome.best = deeper.best
     else:
