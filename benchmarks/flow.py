@@ -20,13 +20,16 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from flows.processes import env_with_this_python, local_prefect_server
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # flows/ lives in the project, not in the installed library
+
+from flows.local_server import local_prefect_server  # noqa: E402
+from graft.processes import env_with_this_python  # noqa: E402
 
 
 def project_copy(destination: Path) -> Path:

@@ -112,7 +112,7 @@ def build(repo: Path, versions: int, images: int, churn: int) -> None:
 
 
 def which_models(repo: Path, sha: str) -> tuple[float, dict[str, object]]:
-    command = [sys.executable, "-m", "tasks.cli", "lineage", "which-models", sha, "--json"]
+    command = [sys.executable, "-m", "graft.cli.main", "lineage", "which-models", sha, "--json"]
     start = time.perf_counter()
     output = run([*command, "--root", str(repo)], ROOT)
     return time.perf_counter() - start, json.loads(output)

@@ -42,8 +42,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from tasks.checkpoints import CheckpointMeta, save_checkpoint
-from tasks.config import (
+from graft.config.params import (
     Augment,
     Common,
     Finetune,
@@ -55,20 +54,21 @@ from tasks.config import (
     Split,
     UnfreezePhase,
 )
-from tasks.data import load_split, make_loader
-from tasks.finetune import finetune
-from tasks.ingest import ingest
-from tasks.models import (
+from graft.data.ingest import ingest
+from graft.data.loaders import load_split, make_loader
+from graft.data.split import make_splits
+from graft.training.checkpoints import CheckpointMeta, save_checkpoint
+from graft.training.finetune import finetune
+from graft.training.loop import predict, resolve_device
+from graft.training.models import (
     backbone_blocks,
     build_model,
     head_module,
     last_linear_name,
     replace_head,
 )
-from tasks.pretrain import pretrain
-from tasks.split import make_splits
-from tasks.training import predict, resolve_device
-from tasks.weights import starting_weights
+from graft.training.pretrain import pretrain
+from graft.training.weights import starting_weights
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring")
 # Ten hues; class i is hue i drawn as shape i % 5, so colour and shape both carry the label.

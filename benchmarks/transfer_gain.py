@@ -24,12 +24,12 @@ from typing import Any
 
 import yaml
 
-from tasks.config import Fractions, parse_params
-from tasks.errors import run_main
-from tasks.evaluate import evaluate
-from tasks.finetune import finetune
-from tasks.ingested import read_manifest
-from tasks.split import make_splits
+from graft.config.params import Fractions, parse_params
+from graft.data.layout import read_manifest
+from graft.data.split import make_splits
+from graft.errors import run_main
+from graft.evaluation.evaluate import evaluate
+from graft.training.finetune import finetune
 
 STARTS = ("pretrained", "scratch")
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from tasks.config import Params
+from graft.config.params import Params
 
 REJECTED_ROWS = 500  # the UI table stays readable; the full list is in the CSV it names
 

@@ -26,8 +26,8 @@ from prefect import flow, task
 from prefect.logging import get_run_logger
 
 from flows.artifacts import StageRow, publish_run_artifacts
-from flows.processes import env_with_this_python
-from tasks.config import load_params
+from graft.config.params import load_params
+from graft.processes import env_with_this_python
 
 
 class StageFailed(RuntimeError):
@@ -194,7 +194,7 @@ def _sync_with_remote(root: Path, *command: str) -> None:
 @task(name="publish")
 def _publish(root: Path, bump: Literal["patch", "minor", "major"], stage: str | None) -> None:
     """`graft publish` as a task: a new model version, or a clear note that nothing is new."""
-    from tasks.publish import AlreadyPublished, PublishError, publish
+    from graft.registry.publish import AlreadyPublished, PublishError, publish
 
     logger = get_run_logger()
     try:

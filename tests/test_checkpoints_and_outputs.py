@@ -7,15 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks.atomic import atomic_path, write_json
-from tasks.checkpoints import (
+from graft.atomic import atomic_path, write_json
+from graft.training.checkpoints import (
     CheckpointError,
     CheckpointMeta,
     load_checkpoint,
     model_from_checkpoint,
     save_checkpoint,
 )
-from tasks.models import build_model
+from graft.training.models import build_model
 
 
 def meta(classes: list[str]) -> CheckpointMeta:
@@ -84,7 +84,7 @@ def test_directory_output_is_replaced_whole(tmp_path: Path) -> None:
 
 
 def test_checkpoint_for_other_classes_or_arch_is_a_clear_error(tmp_path: Path) -> None:
-    from tasks.checkpoints import check_fits
+    from graft.training.checkpoints import check_fits
 
     path = tmp_path / "model.pt"
     card = meta(["a", "b", "c"])

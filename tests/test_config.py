@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import copy
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, run, tiny_params
+from helpers import ROOT, run, tiny_params
 
-from tasks.config import ParamsError, load_params, parse_params
+from graft.config.params import ParamsError, load_params, parse_params
 
 
 @pytest.fixture
@@ -76,6 +77,7 @@ def test_stage_with_bad_params_fails_before_any_work(
 ) -> None:
     params["ingest"]["min_sides"] = 4  # a typo for min_side
     write_params(params)
+    shutil.copytree(ROOT / "tasks", tmp_path / "tasks")  # stages run from the project root
     result = run(["python", "-m", "tasks.ingest"], cwd=tmp_path, check=False)
     assert result.returncode == 1
     assert "ingest.min_sides: unknown key" in result.stderr

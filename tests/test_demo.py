@@ -1,15 +1,15 @@
-"""The committed demo is what tasks.demo makes from scikit-learn's digits."""
+"""The committed demo is what graft.data.demo makes from scikit-learn's digits."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-from conftest import DEMO
+from helpers import DEMO
 from PIL import Image
 
-from tasks.demo import write_demo
-from tasks.imaging import check_image_bytes
+from graft.data.decoding import check_image_bytes
+from graft.data.demo import write_demo
 
 LIMITS = {"min_side": 8, "max_pixels": 1_000_000}
 

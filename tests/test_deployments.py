@@ -20,7 +20,7 @@ from typing import Any
 from uuid import UUID
 
 import pytest
-from conftest import DEMO, copy_demo_subset, make_dvc_project, run, tool_env
+from helpers import DEMO, copy_demo_subset, make_dvc_project, run, tool_env
 from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.filters import (
     ArtifactFilter,
@@ -36,7 +36,8 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import FlowRun
 from prefect.client.schemas.schedules import SCHEDULE_TYPES, IntervalSchedule
 
-from flows.processes import local_prefect_server, start_in_own_session, stop_session
+from flows.local_server import local_prefect_server
+from graft.processes import start_in_own_session, stop_session
 
 pytestmark = pytest.mark.slow
 

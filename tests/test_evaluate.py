@@ -12,13 +12,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import run, tiny_params
+from helpers import run, tiny_params
 from PIL import Image
 
-from tasks.checkpoints import CheckpointMeta, save_checkpoint
-from tasks.config import Common, Evaluate, ParamsError, parse_params
-from tasks.errors import GraftError
-from tasks.evaluate import (
+from graft.config.params import Common, Evaluate, ParamsError, parse_params
+from graft.data.layout import image_path
+from graft.errors import GraftError
+from graft.evaluation.evaluate import (
     SplitPredictions,
     calibration_table,
     classification_metrics,
@@ -28,9 +28,9 @@ from tasks.evaluate import (
     roc,
     transfer_gain,
 )
-from tasks.ingested import image_path
-from tasks.misclassified import CAPTION, CELL, HEADER, PAD, grid_size, write_grid
-from tasks.models import build_model
+from graft.evaluation.misclassified import CAPTION, CELL, HEADER, PAD, grid_size, write_grid
+from graft.training.checkpoints import CheckpointMeta, save_checkpoint
+from graft.training.models import build_model
 
 
 def predictions(

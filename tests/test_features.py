@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tasks.features import FeatureBatches, cached_views, head_inputs
-from tasks.models import build_model, trainable_head
+from graft.training.head_inputs import FeatureBatches, cached_views, head_inputs
+from graft.training.models import build_model, trainable_head
 
 FAMILIES = ["vgg11", "vgg11_bn", "resnet18", "mobilenet_v3_small", "efficientnet_b0"]
 

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import run
+from helpers import run
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.pipeline import (

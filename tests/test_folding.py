@@ -9,7 +9,7 @@ import torch
 import torchvision
 from torch import nn
 
-from tasks.folding import (
+from graft.training.folding import (
     FoldedLinear,
     cell_groups,
     fold,
@@ -18,7 +18,7 @@ from tasks.folding import (
     track_weight_decay,
     unfold,
 )
-from tasks.models import ModelError, build_model
+from graft.training.models import ModelError, build_model
 
 
 def test_cell_groups_follow_the_pool_windows() -> None:

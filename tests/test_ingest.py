@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import tiny_params
+from helpers import tiny_params
 
-from tasks.config import parse_params
-from tasks.hashing import file_sha256
-from tasks.ingest import IngestError, ingest, render_summary
-from tasks.ingested import image_path, read_manifest
+from graft.config.params import parse_params
+from graft.data.ingest import IngestError, ingest, render_summary
+from graft.data.layout import image_path, read_manifest
+from graft.hashing import file_sha256
 
 
 def test_dataset_holds_each_accepted_image_once_by_content(sources: Path, tmp_path: Path) -> None:

@@ -15,18 +15,18 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import DEMO, ROOT, copy_demo_subset, run, tiny_params
+from helpers import DEMO, ROOT, copy_demo_subset, run, tiny_params
 
-from tasks.hashing import file_sha256
-from tasks.publish import production_failures
-from tasks.versions import Version, is_version, next_version
+from graft.hashing import file_sha256
+from graft.registry.publish import production_failures
+from graft.registry.versions import Version, is_version, next_version
 
 pytestmark = pytest.mark.slow
 NAME = "digits-5-9"
 
 
 def graft(repo: Path, *args: str, check: bool = True) -> Any:
-    result = run(["python", "-m", "tasks.cli", *args], repo, check=check)
+    result = run(["python", "-m", "graft.cli.main", *args], repo, check=check)
     return result
 
 

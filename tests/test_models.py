@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from tasks.models import (
+from graft.training.models import (
     backbone_blocks,
     build_model,
     head_module,
@@ -108,7 +108,7 @@ def test_every_family_splits_into_head_and_blocks_and_freezes_by_policy(arch: st
 
 
 def test_unfreeze_blocks_param_accepts_a_count_or_all_and_names_the_key() -> None:
-    from tasks.config import UnfreezePhase
+    from graft.config.params import UnfreezePhase
 
     base = {"epochs": 1, "lr": 1e-5, "head_lr": 1e-4}
     assert UnfreezePhase(blocks="all", **base).blocks == "all"  # type: ignore[arg-type]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import run
+from helpers import run
 
 pytestmark = pytest.mark.slow
 

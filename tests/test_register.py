@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import yaml
-from conftest import ROOT
+from helpers import ROOT
 
-from tasks.config import load_params
-from tasks.register import data_summary, gate_failures, used_params
+from graft.config.params import load_params
+from graft.registry.register import data_summary, gate_failures, used_params
 
 
 def metrics(accuracy: float, recalls: dict[str, float]) -> dict[str, object]:

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks.config import Augment, Common
-from tasks.data import ImageSet, make_loader
-from tasks.models import build_model
-from tasks.training import EpochResult, FitOutcome, Interrupted, fit, seed_everything
+from graft.config.params import Augment, Common
+from graft.data.loaders import ImageSet, make_loader
+from graft.training.loop import EpochResult, FitOutcome, Interrupted, fit, seed_everything
+from graft.training.models import build_model
 
 COMMON = Common(seed=5, image_size=16, mean=(0.5,) * 3, std=(0.5,) * 3, device="cpu")
 

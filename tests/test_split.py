@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tasks.config import Split
-from tasks.schemas import SPLITS_TABLE, TableError, read_table
-from tasks.split import SplitError, make_splits
+from graft.config.params import Split
+from graft.data.schemas import SPLITS_TABLE, TableError, read_table
+from graft.data.split import SplitError, make_splits
 
 
 def manifest(per_class: dict[tuple[str, str], int]) -> pd.DataFrame:

@@ -7,13 +7,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import tiny_params
+from helpers import tiny_params
 
-from tasks.config import Params, parse_params
-from tasks.finetune import finetune
-from tasks.ingest import ingest
-from tasks.pretrain import pretrain
-from tasks.split import make_splits
+from graft.config.params import Params, parse_params
+from graft.data.ingest import ingest
+from graft.data.split import make_splits
+from graft.training.finetune import finetune
+from graft.training.pretrain import pretrain
 
 
 @pytest.fixture
@@ -36,7 +36,7 @@ def test_pretraining_is_deterministic_on_cpu(prepared: tuple[Params, pd.DataFram
 def test_finetune_freezes_the_backbone_in_the_head_phase(
     prepared: tuple[Params, pd.DataFrame, Path], tmp_path: Path
 ) -> None:
-    from tasks.checkpoints import save_checkpoint
+    from graft.training.checkpoints import save_checkpoint
 
     params, splits, dataset = prepared
     backbone = pretrain(splits, dataset, params.pretrain, params.common)
@@ -81,8 +81,8 @@ def test_finetuned_vgg_is_saved_in_torchvision_layout(
     prepared: tuple[Params, pd.DataFrame, Path], tmp_path: Path
 ) -> None:
     """VGG at 32 px trains folded (tasks/folding.py) and comes back as a plain torchvision VGG."""
-    from tasks.checkpoints import model_from_checkpoint, save_checkpoint
-    from tasks.models import build_model
+    from graft.training.checkpoints import model_from_checkpoint, save_checkpoint
+    from graft.training.models import build_model
 
     params, splits, dataset = prepared
     common = params.common.model_copy(update={"image_size": 32})

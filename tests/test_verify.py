@@ -9,12 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run
+from helpers import run
 from PIL import Image
 
-from tasks.imaging import load_rgb
-from tasks.verify import CHUNK, CheckSettings, FileRecord, verify_folder
-from tasks.verify_cache import VerifyCache
+from graft.data.decoding import load_rgb
+from graft.data.verify import CHUNK, CheckSettings, FileRecord, verify_folder
+from graft.data.verify_cache import VerifyCache
 
 SETTINGS = CheckSettings(min_side=8, max_pixels=10_000)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import dvc.api
 import pandas as pd
 import pytest
-from conftest import run
+from helpers import run
 
 pytestmark = pytest.mark.slow
 

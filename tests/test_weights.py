@@ -8,10 +8,10 @@ import pytest
 import torch
 import torchvision
 
-from tasks.checkpoints import CheckpointMeta, save_checkpoint
-from tasks.hashing import file_sha256
-from tasks.models import build_model
-from tasks.weights import WeightsError, hub_file, imagenet_weights, starting_weights
+from graft.hashing import file_sha256
+from graft.training.checkpoints import CheckpointMeta, save_checkpoint
+from graft.training.models import build_model
+from graft.training.weights import WeightsError, hub_file, imagenet_weights, starting_weights
 
 
 def test_missing_imagenet_weights_fail_at_once_naming_file_folder_and_url(
@@ -67,8 +67,8 @@ def test_pretrain_passes_imagenet_weights_through_with_provenance(
 ) -> None:
     import pandas as pd
 
-    from tasks.config import Augment, Common, Pretrain
-    from tasks.pretrain import pretrain
+    from graft.config.params import Augment, Common, Pretrain
+    from graft.training.pretrain import pretrain
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     path = hub_file(imagenet_weights("resnet18", None))
@@ -89,7 +89,7 @@ def test_pretrain_passes_imagenet_weights_through_with_provenance(
 def test_scratch_with_no_epochs_is_refused_naming_the_key() -> None:
     from pydantic import ValidationError
 
-    from tasks.config import Augment, Pretrain
+    from graft.config.params import Augment, Pretrain
 
     with pytest.raises(ValidationError, match="epochs: 0"):
         Pretrain(

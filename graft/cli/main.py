@@ -1,0 +1,171 @@
+"""The ``graft`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+
+from graft.cli.registry import add_commands as add_registry_commands
+from graft.config.params import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, DEFAULT_PARAMS, load_params
+from graft.errors import GraftError, run_main
+
+
+def _check(arguments: argparse.Namespace) -> None:
+    load_params(arguments.params)
+    print(f"{arguments.params}: all settings valid")
+
+
+def _demo(arguments: argparse.Namespace) -> None:
+    from graft.data.demo import write_demo  # scikit-learn only when asked for
+
+    counts = write_demo(arguments.out)
+    print(f"demo written to {arguments.out}: {counts}")
+
+
+def _verify(arguments: argparse.Namespace) -> None:
+    from graft.data.verify import CheckSettings, verify_folder
+
+    if not arguments.folder.is_dir():
+        raise GraftError(f"{arguments.folder} is not a folder")
+    settings = CheckSettings(min_side=arguments.min_side, max_pixels=arguments.max_pixels)
+    report = verify_folder(arguments.folder, settings, workers=arguments.workers)
+    if arguments.json:
+        json.dump([asdict(record) for record in report.records], sys.stdout, indent=1)
+        print()
+    else:
+        print("path\tlabel\tverdict\treason\tsha256")
+        for r in report.records:
+            print(f"{r.path}\t{r.label}\t{r.verdict}\t{r.reason}\t{r.sha256 or ''}")
+    verdicts = Counter(record.verdict for record in report.records)
+    counts = ", ".join(f"{verdict} {n}" for verdict, n in verdicts.most_common())
+    skipped = sum(report.skipped.values())
+    print(
+        f"{len(report.records)} files in {arguments.folder}: {counts or 'none'}; "
+        f"{skipped} hidden or stray files skipped",
+        file=sys.stderr,
+    )
+
+
+def use_project_code(root: Path) -> None:
+    """Make the project's ``flows`` importable here and in the flow-run processes started here.
+
+    The Prefect flow lives in the project (``flows/``), not in the installed library, so a user
+    can change it without reinstalling; ``graft run`` and ``graft serve`` find it under ``root``.
+    """
+    project = str(root.resolve())
+    if project not in sys.path:
+        sys.path.insert(0, project)
+    inherited = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([project, inherited] if inherited else [project])
+
+
+def _run(arguments: argparse.Namespace) -> None:
+    use_project_code(arguments.root)
+    from flows.pipeline import StageFailed, pipeline  # Prefect only when asked for
+
+    try:
+        results = pipeline(
+            root=str(arguments.root),
+            stages=arguments.stages or None,
+            force=arguments.force,
+            publish=arguments.publish,
+            publish_bump=arguments.bump,
+            publish_stage=arguments.stage,
+        )
+    except StageFailed as error:
+        raise GraftError(str(error)) from None
+    for result in results:
+        state = "ran" if result.ran else "up to date (DVC cache)"
+        print(f"{result.stage}: {state} ({result.seconds:.1f}s)")
+
+
+def _serve(arguments: argparse.Namespace) -> None:
+    from prefect.settings import PREFECT_API_URL  # Prefect only when asked for
+
+    use_project_code(arguments.root)
+    from flows.serve import DeploymentSpecError, serve_deployments
+
+    if not PREFECT_API_URL.value():  # env var or Prefect profile
+        print(
+            "PREFECT_API_URL is not set: serving against a temporary server that forgets "
+            "its runs when stopped; start `prefect server start` and set PREFECT_API_URL",
+            file=sys.stderr,
+        )
+    try:
+        serve_deployments(arguments.root)
+    except DeploymentSpecError as error:
+        raise GraftError(str(error)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="graft", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    check = commands.add_parser("check", help="validate params.yaml without running anything")
+    check.add_argument("--params", type=Path, default=DEFAULT_PARAMS)
+    check.set_defaults(handler=_check)
+
+    verify = commands.add_parser(
+        "verify",
+        help="verify every image of a folder in ImageFolder layout (<folder>/<class>/<image>)",
+        description="One line per file (tab-separated, or --json); a summary on stderr. "
+        "Reads only: nothing in the folder is changed.",
+    )
+    verify.add_argument("folder", type=Path)
+    verify.add_argument("--json", action="store_true", help="print a JSON list of records")
+    verify.add_argument("--min-side", type=int, default=DEFAULT_MIN_SIDE)
+    verify.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    verify.add_argument("--workers", type=int, default=0, help="threads (0: one per core)")
+    verify.set_defaults(handler=_verify)
+
+    run = commands.add_parser(
+        "run",
+        help="run the pipeline as a Prefect flow (one task per DVC stage)",
+        description="Uses the Prefect server at PREFECT_API_URL when set, otherwise a "
+        "temporary local one. DVC decides what is stale, exactly as for `dvc repro`.",
+    )
+    run.add_argument("stages", nargs="*", help="only these stages (and their upstream)")
+    run.add_argument("--force", action="store_true", help="run stages even when up to date")
+    run.add_argument("--root", type=Path, default=Path("."), help="project root")
+    run.add_argument(
+        "--publish", action="store_true", help="then publish the model as `graft publish` does"
+    )
+    run.add_argument("--bump", choices=["patch", "minor", "major"], default="patch")
+    run.add_argument("--stage", help="with --publish: assign this stage (e.g. dev, prod)")
+    run.set_defaults(handler=_run)
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve prefect.yaml's deployments from this machine (no work pool or worker)",
+        description="Registers the deployments of prefect.yaml (schedules, parameters, "
+        "concurrency limits) with the Prefect server at PREFECT_API_URL and runs their flow "
+        "runs here, one at a time, until stopped (SIGTERM). Their schedules are paused on the "
+        "way out and restored by the next `graft serve`.",
+    )
+    serve.add_argument("--root", type=Path, default=Path("."), help="project root")
+    serve.set_defaults(handler=_serve)
+
+    demo = commands.add_parser("demo", help="(re)write the built-in digits demo images")
+    demo.add_argument("--out", type=Path, default=Path("data/demo"))
+    demo.set_defaults(handler=_demo)
+
+    add_registry_commands(commands)  # publish, lineage
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    arguments = build_parser().parse_args(argv)
+    try:
+        run_main(lambda: arguments.handler(arguments))
+    except BrokenPipeError:  # output piped into `head` and friends: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

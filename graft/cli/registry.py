@@ -1,0 +1,196 @@
+"""The ``graft publish`` and ``graft lineage`` commands: arguments and printed reports."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from graft.errors import GraftError
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _print_json(payload: Any) -> None:
+    json.dump(payload, sys.stdout, indent=1, default=str)
+    print()
+
+
+def _publish(arguments: argparse.Namespace) -> None:
+    from graft.registry.publish import publish
+
+    published = publish(
+        arguments.root,
+        bump=arguments.bump,
+        version=arguments.version,
+        stage=arguments.stage,
+        push=not arguments.no_push,
+        allow_dirty=arguments.allow_dirty,
+    )
+    print(f"published {published.tag} at commit {published.commit[:12]}")
+    if published.stage_tag:
+        print(f"stage: {published.stage_tag}")
+    print("data pushed to the DVC remote" if published.pushed else "no DVC remote: data not pushed")
+    print("share it: git push --follow-tags (and `dvc push` where data was not pushed)")
+
+
+def _show(arguments: argparse.Namespace) -> None:
+    from graft.registry.lineage import index_path, resolve, show
+    from graft.registry.lineage_index import open_index
+
+    root = arguments.root.resolve()
+    with open_index(index_path(root)) as index:
+        lineage = show(root, resolve(root, arguments.ref, index))
+    if arguments.json:
+        _print_json(lineage)
+        return
+    name = lineage["tag"] or f"{lineage['name']} at {lineage['commit'][:12]} (not published)"
+    model, finetune, pretrained = lineage["model"], lineage["finetune"], lineage["pretrained"]
+    split, dataset, code = lineage["split"], lineage["dataset"], lineage["code"]
+    provenance = (pretrained.get("provenance") or {}).get("backbone", {})
+    lines = [
+        f"{name}",
+        f"  model      {model['path']}  sha256 {model['sha256']}",
+        f"  finetune   stage {finetune.get('stage')}  from {finetune.get('init')}",
+        f"             params {json.dumps(finetune.get('params'), sort_keys=True)}",
+        f"  pretrained {pretrained['path']}  sha256 {pretrained['sha256']}",
+        f"             origin {provenance.get('init')}, "
+        f"extra {json.dumps(provenance.get('extra'))}",
+        f"  split      {split['path']}  sha256 {split['sha256']}  md5 {split['md5']}",
+    ]
+    for role, splits in (split.get("counts") or {}).items():
+        counts = ", ".join(f"{s} {c['total']}" for s, c in splits.items())
+        lines.append(f"             {role}: {counts}")
+    lines.append(
+        f"  dataset    {dataset['path']}  md5 {dataset['md5']}  "
+        f"manifest sha256 {dataset['manifest_sha256']}"
+    )
+    for role, accepted in (dataset.get("accepted") or {}).items():
+        rejected = (dataset.get("rejected") or {}).get(role, {})
+        reasons = ", ".join(f"{k} {v}" for k, v in rejected.items()) or "none"
+        lines.append(
+            f"             {role}: {accepted['total']} images {accepted['classes']}; "
+            f"rejected {reasons}"
+        )
+    for source in lineage["sources"]:
+        lines.append(f"  source     {source['role']}: {source['path']}  md5 {source['md5']}")
+    dirty = {None: "unknown (not published)", True: "dirty", False: "clean"}[code["dirty"]]
+    lines.append(f"  code       commit {code['commit']}  tree {dirty}")
+    metrics = lineage["metrics"] or {}
+    scalars = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+    lines.append(f"  metrics    {json.dumps(scalars)}")
+    env = lineage["environment"]
+    if env:
+        packages = env.get("packages", {})
+        lines.append(
+            f"  environment python {env.get('python')}, torch {packages.get('torch')}, "
+            f"torchvision {packages.get('torchvision')}, cuda {env.get('cuda')}, "
+            f"cudnn {env.get('cudnn')}, device {env.get('device')}, seed {env.get('seed')}"
+        )
+    print("\n".join(lines))
+
+
+def _which_models(arguments: argparse.Namespace) -> None:
+    from graft.hashing import file_sha256
+    from graft.registry.lineage import index_path
+    from graft.registry.lineage_index import open_index, which_models
+
+    root = arguments.root.resolve()
+    image = arguments.image
+    if Path(image).is_file():
+        digest = file_sha256(Path(image))
+    elif _SHA256.match(image.lower()):
+        digest = image.lower()
+    else:
+        raise GraftError(f"{image} is neither a file nor a sha256 (64 hex digits)")
+    with open_index(index_path(root)) as index:
+        report = which_models(index, root, digest)
+    if arguments.json:
+        _print_json({"image": image, "sha256": digest, "versions": report})
+        return
+    print(f"image sha256 {digest}")
+    for version in report:
+        where = "; ".join(
+            f"{e['role']}/{e['split']} ({e['path']})"
+            if e["split"]
+            else f"{e['role']} rejected: {e['verdict']} ({e['reason']}) {e['path']}"
+            for e in version["entries"]
+        )
+        print(f"{version['tag']}\t{version['status']}\t{where or version.get('error', '')}")
+
+
+def _diff(arguments: argparse.Namespace) -> None:
+    from graft.registry.lineage import diff, index_path, resolve
+    from graft.registry.lineage_index import open_index
+
+    root = arguments.root.resolve()
+    with open_index(index_path(root)) as index:
+        a, b = resolve(root, arguments.a, index), resolve(root, arguments.b, index)
+        changes = diff(root, index, a, b)
+    if arguments.json:
+        _print_json(changes)
+        return
+    print(f"{arguments.a} ({a.commit[:12]}) -> {arguments.b} ({b.commit[:12]})")
+    print("images:")
+    for group, change in changes["images"].items():
+        for kind, sign in (("added", "+"), ("removed", "-")):
+            for row in change[kind]:
+                print(f"  {sign} {group}\t{row['sha256'][:16]}\t{row['path']}")
+    print("params:")
+    for key, values in changes["params"].items():
+        print(f"  {key}: {values['a']} -> {values['b']}")
+    print("code:")
+    for commit in changes["code"]["commits"]:
+        print(f"  {commit['commit'][:12]} {commit.get('subject', '')}")
+    for path in changes["code"]["files"]:
+        print(f"  changed {path}")
+    print("metrics:")
+    for key, values in changes["metrics"].items():
+        delta = f" ({values['delta']:+.4f})" if values["delta"] is not None else ""
+        print(f"  {key}: {values['a']} -> {values['b']}{delta}")
+
+
+def add_commands(commands: Any) -> None:
+    """Add ``publish`` and ``lineage`` to the ``graft`` command's subparsers."""
+    publish = commands.add_parser(
+        "publish",
+        help="publish the registered model as a new version (git tag in GTO's format)",
+        description="Refuses unless `dvc status` is clean and the register gate passed. Commits "
+        "dvc.lock (with params.yaml and dvc.yaml), pushes data to the DVC remote when one is "
+        "configured, and tags <name>@vX.Y.Z; the first version is v1.0.0.",
+    )
+    publish.add_argument("--bump", choices=("patch", "minor", "major"), default="patch")
+    publish.add_argument("--version", help="explicit version, e.g. v2.0.0 (instead of --bump)")
+    publish.add_argument("--stage", help="also assign this stage, e.g. dev or prod")
+    publish.add_argument("--no-push", action="store_true", help="do not run `dvc push`")
+    publish.add_argument(
+        "--allow-dirty", action="store_true", help="publish with uncommitted tracked changes"
+    )
+    publish.add_argument("--root", type=Path, default=Path("."), help="project root")
+    publish.set_defaults(handler=_publish)
+
+    lineage = commands.add_parser("lineage", help="audit published model versions")
+    actions = lineage.add_subparsers(dest="action", required=True)
+    show = actions.add_parser(
+        "show",
+        help="what produced a version: weights, params, data, sources, code, environment",
+        description="REF: name@v1.2.0, name@latest, name#prod, a git revision or a model file.",
+    )
+    show.add_argument("ref")
+    which = actions.add_parser(
+        "which-models",
+        help="every published version whose data held an image, and in which split",
+        description="IMAGE: an image file (hashed) or a sha256. Builds or updates the index "
+        "(paths.register.lineage_index) for versions it has not seen.",
+    )
+    which.add_argument("image")
+    diff = actions.add_parser("diff", help="images, params, code and metrics from A to B")
+    diff.add_argument("a")
+    diff.add_argument("b")
+    for parser, handler in ((show, _show), (which, _which_models), (diff, _diff)):
+        parser.add_argument("--json", action="store_true", help="print JSON")
+        parser.add_argument("--root", type=Path, default=Path("."), help="project root")
+        parser.set_defaults(handler=handler)

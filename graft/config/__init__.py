@@ -1,0 +1,1 @@
+"""params.yaml as validated, typed settings, and checks of those settings against this machine."""

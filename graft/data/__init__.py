@@ -1,0 +1,1 @@
+"""Images in: verification, decoding, the ingested dataset layout, schemas, ingest and split."""

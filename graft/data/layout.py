@@ -1,0 +1,28 @@
+"""The layout of the ingested dataset folder (``paths.ingest.dataset``).
+
+``manifest.csv`` lists every file ingest saw; ``images/<sha256[:2]>/<sha256>`` holds each
+accepted image's exact bytes once, addressed by content.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from graft.data import schemas
+
+MANIFEST_NAME = "manifest.csv"
+
+
+def image_path(dataset: Path, sha256: str) -> Path:
+    """Where the accepted image with this content lives inside the ingested dataset."""
+    return dataset / "images" / sha256[:2] / sha256
+
+
+def manifest_path(dataset: Path) -> Path:
+    return dataset / MANIFEST_NAME
+
+
+def read_manifest(dataset: Path) -> pd.DataFrame:
+    return schemas.read_table(manifest_path(dataset), schemas.MANIFEST)

@@ -1,0 +1,261 @@
+"""Verify a folder in ImageFolder layout: one verdict, with its reason, for every file seen.
+
+Layout: ``<root>/<class name>/<any sub-folders>/<image file>``. Hidden and system files are
+skipped and counted; everything else gets a record, rejected or accepted. The source folder is
+only ever read. Files are checked in parallel on every core; with a :class:`VerifyCache`, a
+file whose size, mtime and inode are unchanged (or whose content was judged before under the
+same settings) is not decoded again.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from graft.hashing import sha256_hex
+from graft.data.decoding import ImageCheck, check_image_bytes
+from graft.progress import Progress
+from graft.data.verify_cache import FileStat, VerifyCache, store_object
+
+# Bump when check_image_bytes would judge some bytes differently: old cached verdicts expire.
+CHECKER_VERSION = 1
+SYSTEM_FILES = frozenset({"thumbs.db", "desktop.ini", "icon\r"})
+CHUNK = 64  # files per task handed to a worker: amortises the hand-over
+
+
+@dataclass(frozen=True)
+class CheckSettings:
+    min_side: int
+    max_pixels: int
+
+    def key(self) -> str:
+        """Identifies the verdicts these settings give, for the cache."""
+        return f"v{CHECKER_VERSION}:min_side={self.min_side}:max_pixels={self.max_pixels}"
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """One file of a source and its verdict (a manifest row without the role)."""
+
+    path: str  # relative to the source root, forward slashes, printable (see display_name)
+    label: str
+    verdict: str
+    reason: str
+    sha256: str | None = None
+    bytes: int | None = None
+    width: int | None = None
+    height: int | None = None
+    mode: str | None = None
+    format: str | None = None
+
+    @classmethod
+    def of(cls, path: str, label: str, sha256: str, size: int, check: ImageCheck) -> FileRecord:
+        return cls(
+            path, label, check.verdict, check.reason, sha256, size,
+            check.width, check.height, check.mode, check.format,
+        )  # fmt: skip
+
+
+@dataclass
+class FolderReport:
+    records: list[FileRecord]
+    skipped: Counter[str] = field(default_factory=Counter)  # why files were not considered
+    decoded: int = 0  # files actually read and decoded in this run (the rest came from cache)
+
+    def accepted(self) -> list[FileRecord]:
+        return [record for record in self.records if record.verdict == "accepted"]
+
+
+def display_name(name: str | Path) -> str:
+    """A file name as printable UTF-8 text; bytes that are not UTF-8 show as ``\\xNN``."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".") or name.lower() in SYSTEM_FILES
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    path: str  # absolute, as the OS names it
+    relative: str  # relative to the source root, forward slashes, printable
+    label: str
+
+
+def scan_folder(root: Path) -> tuple[list[SourceFile], Counter[str]]:
+    """Every file under ``root``'s class folders in a stable order, plus counts of skipped files.
+
+    Works on plain strings rather than Path objects: on 25,000 files pathlib's overhead was
+    most of an incremental run.
+    """
+    skipped: Counter[str] = Counter()
+    found: list[SourceFile] = []
+    base = os.path.abspath(root)
+    for entry in _sorted_entries(base):
+        if _is_hidden(entry.name):
+            skipped["hidden or system file"] += 1
+        elif not entry.is_dir():
+            skipped["file outside a class folder"] += 1
+        else:
+            _walk_files(entry.path, len(base) + 1, display_name(entry.name), found, skipped)
+    return found, skipped
+
+
+def _sorted_entries(folder: str) -> list[os.DirEntry[str]]:
+    # Sorted by the raw bytes of the name, so the order never depends on the disk or locale.
+    with os.scandir(folder) as entries:
+        return sorted(entries, key=lambda entry: os.fsencode(entry.name))
+
+
+def _walk_files(
+    folder: str, prefix: int, label: str, found: list[SourceFile], skipped: Counter[str]
+) -> None:
+    # ``prefix``: length of "<root>/", so a relative path is a slice, not an os.path.relpath.
+    for entry in _sorted_entries(folder):
+        if _is_hidden(entry.name):
+            skipped["hidden or system file"] += 1
+        elif entry.is_dir(follow_symlinks=False):
+            _walk_files(entry.path, prefix, label, found, skipped)
+        elif entry.is_symlink() and entry.is_dir():
+            skipped["linked folder, not followed"] += 1  # links can loop
+        else:
+            relative = display_name(entry.path[prefix:].replace(os.sep, "/"))
+            found.append(SourceFile(entry.path, relative, label))
+
+
+@dataclass(frozen=True)
+class _Task:
+    file: SourceFile
+    settings: CheckSettings
+    objects: Path | None  # where accepted bytes go; None when nothing is to be stored
+
+
+def _check(task: _Task) -> tuple[FileRecord, FileStat | None]:
+    """Read one file once: hash it, fully decode it, store its bytes if accepted."""
+    file = task.file
+    try:
+        stat = FileStat.of(os.stat(file.path))
+        with open(file.path, "rb") as stream:
+            data = stream.read()
+    except OSError as error:
+        reason = f"{type(error).__name__}: {error.strerror}"
+        return FileRecord(file.relative, file.label, "unreadable", reason), None
+    sha256 = sha256_hex(data)
+    check = check_image_bytes(
+        data, min_side=task.settings.min_side, max_pixels=task.settings.max_pixels
+    )
+    if check.verdict == "accepted" and task.objects is not None:
+        store_object(task.objects, sha256, data)
+    return FileRecord.of(file.relative, file.label, sha256, len(data), check), stat
+
+
+def _check_chunk(tasks: list[_Task]) -> list[tuple[FileRecord, FileStat | None]]:
+    return [_check(task) for task in tasks]
+
+
+def _run_checks(
+    tasks: list[_Task], workers: int, what: str
+) -> list[tuple[FileRecord, FileStat | None]]:
+    # Threads: Pillow's decoders, hashlib and file reads release the GIL, so threads scale
+    # across cores without pickling records. Measured on 25,000 JPEGs and 2 cores, forked
+    # processes were no faster (10.0-13.2 s against 10.5-10.7 s) and carry fork's hazards.
+    chunks = [tasks[i : i + CHUNK] for i in range(0, len(tasks), CHUNK)]
+    results: list[tuple[FileRecord, FileStat | None]] = []
+    with (
+        ThreadPoolExecutor(max(1, min(workers, len(chunks)))) as pool,
+        Progress(len(tasks), what) as progress,
+    ):
+        for done in pool.map(_check_chunk, chunks):
+            results.extend(done)
+            progress.update(len(done))
+    return results
+
+
+def resolve_duplicates(records: list[FileRecord]) -> list[FileRecord]:
+    """Keep one copy of each accepted content; reject content found under two labels."""
+    by_hash: dict[str, list[int]] = defaultdict(list)
+    for index, record in enumerate(records):
+        if record.verdict == "accepted" and record.sha256:
+            by_hash[record.sha256].append(index)
+    resolved = list(records)
+    for indices in by_hash.values():
+        if len(indices) == 1:
+            continue
+        labels = sorted({records[i].label for i in indices})
+        if len(labels) > 1:
+            reason = "same content under classes " + ", ".join(repr(label) for label in labels)
+            for i in indices:
+                resolved[i] = replace(records[i], verdict="label_conflict", reason=reason)
+        else:
+            kept = records[indices[0]]  # first in path order, so the choice is reproducible
+            for i in indices[1:]:
+                reason = f"same content as {kept.path}"
+                resolved[i] = replace(records[i], verdict="duplicate", reason=reason)
+    return resolved
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def verify_folder(
+    root: Path,
+    settings: CheckSettings,
+    *,
+    cache: VerifyCache | None = None,
+    workers: int = 0,
+    what: str = "verify",
+) -> FolderReport:
+    """Verify every file under ``root``; duplicates and label conflicts resolved.
+
+    ``workers`` 0 means one worker per available core. With ``cache``, accepted bytes are kept in
+    its object store and unchanged files are not read again.
+    """
+    files, skipped = scan_folder(root)
+    key = settings.key()
+    records: list[FileRecord | None] = [None] * len(files)
+    pending: list[tuple[int, _Task]] = []
+    objects = cache.objects if cache is not None else None
+    for index, file in enumerate(files):
+        reused = _from_cache(cache, file, key)
+        if reused is not None:
+            records[index] = reused
+        else:
+            pending.append((index, _Task(file, settings, objects)))
+    results = _run_checks([task for _, task in pending], workers or default_workers(), what)
+    for (index, _), (record, _) in zip(pending, results, strict=True):
+        records[index] = record
+    if cache is not None:
+        cache.remember(
+            key,
+            (
+                (display_name(task.file.path), stat, record.sha256, _as_check(record))
+                for (_, task), (record, stat) in zip(pending, results, strict=True)
+                if stat is not None and record.sha256 is not None
+            ),
+        )
+    complete = [record for record in records if record is not None]
+    return FolderReport(resolve_duplicates(complete), skipped, decoded=len(pending))
+
+
+def _from_cache(cache: VerifyCache | None, file: SourceFile, key: str) -> FileRecord | None:
+    if cache is None:
+        return None
+    try:
+        stat = FileStat.of(os.stat(file.path))
+    except OSError:
+        return None  # let the real check report why it cannot be read
+    sha256 = cache.known_hash(display_name(file.path), stat)
+    check = cache.known_verdict(sha256, key) if sha256 else None
+    if sha256 is None or check is None:
+        return None
+    return FileRecord.of(file.relative, file.label, sha256, stat.size, check)
+
+
+def _as_check(record: FileRecord) -> ImageCheck:
+    return ImageCheck(
+        record.verdict, record.reason, record.width, record.height, record.mode, record.format
+    )

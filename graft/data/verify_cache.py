@@ -1,0 +1,147 @@
+"""What ingest remembers between runs, so a re-run decodes only new or changed files.
+
+Two tables in one SQLite file, plus a content-addressed object store:
+
+- ``stats``: file path + size + mtime + inode -> sha256, so an unchanged file is not even
+  read again (the same heuristic DVC and git use for their own state);
+- ``verdicts``: sha256 + check settings -> verdict, reason and header facts, so content that
+  was judged once under the same settings is never decoded again, wherever it moves;
+- ``objects/<sha256[:2]>/<sha256>``: the bytes of every accepted image, read-only, which the
+  ingested dataset hard-links instead of copying.
+
+Everything here is keyed by content and settings, so the cache can only make a run faster,
+never different; deleting it is always safe.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from graft.data.decoding import ImageCheck
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS stats (
+    path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, inode INTEGER, sha256 TEXT
+);
+CREATE TABLE IF NOT EXISTS verdicts (
+    sha256 TEXT, settings TEXT, verdict TEXT, reason TEXT,
+    width INTEGER, height INTEGER, mode TEXT, format TEXT,
+    PRIMARY KEY (sha256, settings)
+);
+"""
+
+
+@dataclass(frozen=True)
+class FileStat:
+    size: int
+    mtime_ns: int
+    inode: int
+
+    @classmethod
+    def of(cls, result: os.stat_result) -> FileStat:
+        return cls(result.st_size, result.st_mtime_ns, result.st_ino)
+
+
+class VerifyCache:
+    """The stats/verdicts database and the object store under one folder."""
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.objects = folder / "objects"
+        self._db = sqlite3.connect(folder / "verdicts.sqlite")
+        self._db.executescript(SCHEMA)
+        self._hashes: dict[str, tuple[FileStat, str]] | None = None
+        self._verdicts: dict[str, dict[str, ImageCheck]] = {}
+        self._stored: set[str] | None = None
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> VerifyCache:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def object_path(self, sha256: str) -> Path:
+        return object_path(self.objects, sha256)
+
+    def known_hash(self, path: str, stat: FileStat) -> str | None:
+        """The sha256 recorded for ``path`` if its size, mtime and inode are unchanged."""
+        if self._hashes is None:  # one query for the whole table, not one per file
+            rows = self._db.execute("SELECT path, size, mtime_ns, inode, sha256 FROM stats")
+            self._hashes = {row[0]: (FileStat(*row[1:4]), row[4]) for row in rows}
+        known = self._hashes.get(path)
+        return known[1] if known and known[0] == stat else None
+
+    def known_verdict(self, sha256: str, settings: str) -> ImageCheck | None:
+        """The verdict recorded for this content under these settings, if still usable."""
+        if settings not in self._verdicts:
+            rows = self._db.execute(
+                "SELECT sha256, verdict, reason, width, height, mode, format FROM verdicts "
+                "WHERE settings = ?",
+                (settings,),
+            )
+            self._verdicts[settings] = {row[0]: ImageCheck(*row[1:]) for row in rows}
+        check = self._verdicts[settings].get(sha256)
+        # An accepted verdict is only reusable while its bytes are still in the store.
+        if check and check.verdict == "accepted" and sha256 not in self._stored_objects():
+            return None
+        return check
+
+    def _stored_objects(self) -> set[str]:
+        # Listing 256 folders once beats one stat per file on every re-run.
+        if self._stored is None:
+            self._stored = set()
+            if self.objects.is_dir():
+                for folder in self.objects.iterdir():
+                    self._stored.update(
+                        name for name in os.listdir(folder) if not name.startswith(".")
+                    )
+        return self._stored
+
+    def remember(
+        self,
+        settings: str,
+        entries: Iterable[tuple[str, FileStat, str, ImageCheck]],
+    ) -> None:
+        """Record (path, stat, sha256, check) for files verified in this run."""
+        rows = list(entries)
+        self._hashes, self._verdicts, self._stored = None, {}, None  # reload on next lookup
+        with self._db:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO stats VALUES (?, ?, ?, ?, ?)",
+                [(p, s.size, s.mtime_ns, s.inode, sha) for p, s, sha, _ in rows],
+            )
+            self._db.executemany(
+                "INSERT OR REPLACE INTO verdicts VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (sha, settings, c.verdict, c.reason, c.width, c.height, c.mode, c.format)
+                    for _, _, sha, c in rows
+                ],
+            )
+
+
+def object_path(objects: Path, sha256: str) -> Path:
+    return objects / sha256[:2] / sha256
+
+
+def store_object(objects: Path, sha256: str, data: bytes) -> None:
+    """Write ``data`` under its hash, once, atomically and read-only."""
+    target = object_path(objects, sha256)
+    if target.exists():
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Unique per thread as well as per process: two threads may store the same content.
+    temporary = target.with_name(f".{sha256}.{os.getpid()}.{threading.get_ident()}.tmp")
+    handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o444)
+    try:
+        os.write(handle, data)
+    finally:
+        os.close(handle)
+    os.replace(temporary, target)

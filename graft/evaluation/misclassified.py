@@ -1,0 +1,102 @@
+"""A PNG grid of the test images the model got wrong most confidently, with their labels.
+
+People would rather look than read: a confident mistake is often a mislabelled image, an
+ambiguous one, or a sign of a class the model has not learnt. Drawn with Pillow only.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+from graft.atomic import atomic_path
+from graft.data.decoding import to_rgb
+from graft.data.layout import image_path
+from graft.errors import GraftError
+
+COLUMNS = 4  # the grid is always this many cells wide, so its width never depends on the data
+CELL = 96  # pixels of the square each image is fitted into
+CAPTION = 30  # two lines of text under each image
+PAD = 8
+HEADER = 28
+EMPTY_BODY = 40  # height of the message area when nothing is misclassified
+WIDTH = PAD + COLUMNS * (CELL + PAD)
+
+Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
+
+
+def most_confident_mistakes(predictions: pd.DataFrame, limit: int) -> pd.DataFrame:
+    """Wrong predictions, most confident first (ties by hash, so the choice is reproducible)."""
+    wrong = predictions[predictions["actual"] != predictions["predicted"]]
+    ordered = wrong.sort_values(["confidence", "sha256"], ascending=[False, True], kind="stable")
+    return ordered.head(limit).reset_index(drop=True)
+
+
+def grid_size(images: int) -> tuple[int, int]:
+    """Width and height in pixels of the grid for this many images (0: the message only)."""
+    if images == 0:
+        return WIDTH, HEADER + EMPTY_BODY
+    rows = math.ceil(images / COLUMNS)
+    return WIDTH, HEADER + rows * (CELL + CAPTION + PAD)
+
+
+def render_grid(predictions: pd.DataFrame, dataset: Path, limit: int) -> Image.Image:
+    """The grid of at most ``limit`` most confident mistakes among ``predictions``."""
+    mistakes = most_confident_mistakes(predictions, limit)
+    wrong = int((predictions["actual"] != predictions["predicted"]).sum())
+    canvas = Image.new("RGB", grid_size(len(mistakes)), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=12)
+    if mistakes.empty:
+        title = f"No misclassified images among {len(predictions)} test images"
+        draw.text((PAD, HEADER // 2), _fit(draw, title, WIDTH - 2 * PAD, font), "black", font)
+        return canvas
+    title = f"{len(mistakes)} most confident of {wrong} mistakes in {len(predictions)} test images"
+    draw.text((PAD, PAD), _fit(draw, title, WIDTH - 2 * PAD, font), "black", font)
+    for i, row in enumerate(mistakes.itertuples(index=False)):
+        left = PAD + (i % COLUMNS) * (CELL + PAD)
+        top = HEADER + (i // COLUMNS) * (CELL + CAPTION + PAD)
+        thumbnail = _thumbnail(image_path(dataset, str(row.sha256)))
+        offset = ((CELL - thumbnail.width) // 2, (CELL - thumbnail.height) // 2)
+        draw.rectangle((left, top, left + CELL - 1, top + CELL - 1), fill=(230, 230, 230))
+        canvas.paste(thumbnail, (left + offset[0], top + offset[1]))
+        true_line = _fit(draw, f"true: {row.actual}", CELL, font)
+        # Long class names are cut, never the confidence.
+        confidence = f" ({row.confidence:.0%})"
+        room = CELL - int(draw.textlength(confidence, font=font))
+        predicted_line = _fit(draw, f"pred: {row.predicted}", room, font) + confidence
+        draw.text((left, top + CELL + 2), true_line, "black", font)
+        draw.text((left, top + CELL + 16), predicted_line, (180, 0, 0), font)
+    return canvas
+
+
+def write_grid(destination: Path, predictions: pd.DataFrame, dataset: Path, limit: int) -> None:
+    """Render the grid and write it atomically as PNG."""
+    grid = render_grid(predictions, dataset, limit)
+    with atomic_path(destination) as temporary:
+        grid.save(temporary, format="PNG")
+
+
+def _thumbnail(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            image.seek(0)
+            rgb = to_rgb(ImageOps.exif_transpose(image))
+    except FileNotFoundError:
+        raise GraftError(f"{path} is missing from the ingested dataset") from None
+    # Small images (8x8 digits) are enlarged with nearest-neighbour so their pixels stay sharp.
+    enlarge = rgb.width <= CELL and rgb.height <= CELL
+    method = Image.Resampling.NEAREST if enlarge else Image.Resampling.LANCZOS
+    return ImageOps.contain(rgb, (CELL, CELL), method)
+
+
+def _fit(draw: ImageDraw.ImageDraw, text: str, width: int, font: Font) -> str:
+    """``text``, cut and ended with an ellipsis if it is wider than ``width`` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text + "…"

@@ -1,0 +1,1 @@
+"""The registered model: package and card, published versions, lineage of any version."""

@@ -1,0 +1,231 @@
+"""``graft publish``: make the workspace's registered model a version in git, in GTO's format.
+
+Refuses unless the pipeline is up to date (``dvc status`` clean), the register stage's package
+exists (its gate passed) and the model is not worse than the production version by more than
+``register.max_drop_vs_prod``. Then commits ``dvc.lock`` with the params and pipeline it pins,
+pushes the data to the DVC remote when one is configured, and tags the commit ``<name>@vX.Y.Z``
+(optionally ``<name>#<stage>#<n>``). The tag's message holds the publish record: code commit,
+dirty flag, environment and the production comparison, which must not live in a DVC output
+(they would make ``dvc.lock`` differ between machines and clones).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from graft.config.params import Params, load_params
+from graft.errors import GraftError
+from graft.registry.environment import environment
+from graft.registry.package_layout import CARD_JSON, card_file
+from graft.registry.register import gate_failures
+from graft.registry.revisions import git, output_json, params_at
+from graft.registry.versions import (
+    RECORD_KEY,
+    Version,
+    is_version,
+    list_versions,
+    next_version,
+    semver,
+)
+
+Bump = Literal["patch", "minor", "major"]
+# What publish commits: the lock and the declarations it was made from.
+PUBLISHED_FILES = ("dvc.lock", "params.yaml", "dvc.yaml")
+PRODUCTION = "prod"
+
+
+class PublishError(GraftError):
+    """The workspace cannot be published as a model version."""
+
+
+class AlreadyPublished(PublishError):
+    """Nothing new: the commit that would be tagged already is a published version."""
+
+
+@dataclass(frozen=True)
+class Published:
+    name: str
+    version: str
+    tag: str
+    commit: str
+    stage_tag: str | None
+    pushed: bool
+    record: dict[str, Any] = field(repr=False)
+
+
+def _dvc(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True, text=True
+    )
+
+
+def stale_stages(root: Path) -> dict[str, Any]:
+    """What ``dvc status`` reports as changed; empty when the pipeline is up to date."""
+    result = _dvc(root, "status", "--json")
+    if result.returncode != 0:
+        raise PublishError(f"dvc status failed: {result.stderr.strip()}")
+    status = json.loads(result.stdout or "{}")
+    return status if isinstance(status, dict) else {}
+
+
+def dirty_files(root: Path) -> list[str]:
+    """Tracked files with uncommitted changes, other than those publish commits itself."""
+    listing = git(root, "status", "--porcelain=v1", "-z", "--untracked-files=no")
+    paths = [entry[3:] for entry in listing.split("\0") if entry]
+    return sorted(p for p in paths if p not in PUBLISHED_FILES)
+
+
+def production_failures(
+    accuracy: float, production: dict[str, Any] | None, max_drop: float
+) -> list[str]:
+    """Why the model may not replace production; empty when there is none or it is close enough."""
+    if production is None:
+        return []
+    floor = production["accuracy"] - max_drop
+    if accuracy < floor - 1e-12:
+        return [
+            f"accuracy {accuracy:.4f} is more than register.max_drop_vs_prod {max_drop} below "
+            f"the production version {production['tag']} ({production['accuracy']:.4f})"
+        ]
+    return []
+
+
+def production_version(root: Path, name: str) -> dict[str, Any] | None:
+    """The version in stage ``prod`` and its test accuracy, read from its own commit."""
+    import gto.api  # about a second to import: only when publishing
+    from gto.exceptions import ArtifactNotFound
+
+    try:
+        found = gto.api.find_versions_in_stage(str(root), name, PRODUCTION)
+    except ArtifactNotFound:  # nothing published yet
+        return None
+    if not found:
+        return None
+    stage = found[0] if isinstance(found, list) else found
+    package = params_at(root, stage.commit_hexsha)["paths"]["register"]["package"]
+    card = output_json(root, stage.commit_hexsha, card_file(package))
+    return {
+        "tag": f"{name}@{stage.version}",
+        "commit": stage.commit_hexsha,
+        "accuracy": float(card["metrics"]["accuracy"]),
+    }
+
+
+def _choose_version(existing: list[Version], bump: Bump, version: str | None) -> str:
+    if version is None:
+        return next_version(existing, bump)
+    if not is_version(version):
+        raise PublishError(f"--version {version!r} is not a semantic version like v1.2.0")
+    if any(v.version == version for v in existing):
+        raise PublishError(f"version {version} already exists")
+    if existing and semver(version) <= max(v.semver for v in existing):
+        raise PublishError(f"version {version} is not above the latest, {existing[-1].version}")
+    return version
+
+
+def _check_publishable(root: Path, params: Params, allow_dirty: bool) -> dict[str, Any]:
+    stale = stale_stages(root)
+    if stale:
+        raise PublishError(
+            "the pipeline is not up to date; run `dvc repro` (or `graft run`) first. "
+            f"Changed: {', '.join(sorted(stale))}"
+        )
+    card_path = root / params.paths.registry.package / CARD_JSON
+    if not card_path.is_file():
+        raise PublishError(
+            f"no registered model at {card_path.parent}: the register stage has not passed its gate"
+        )
+    card: dict[str, Any] = json.loads(card_path.read_text(encoding="utf-8"))
+    failures = gate_failures(card["metrics"], params.registry)
+    if failures:
+        raise PublishError("gate failed:\n  " + "\n  ".join(failures))
+    dirty = dirty_files(root)
+    if dirty and not allow_dirty:
+        raise PublishError(
+            "uncommitted changes to tracked files (commit them, or pass --allow-dirty to "
+            f"publish anyway and record the tree as dirty): {', '.join(dirty)}"
+        )
+    return card
+
+
+def _commit(root: Path, message: str) -> str:
+    present = [name for name in PUBLISHED_FILES if (root / name).exists()]
+    git(root, "add", "--", *present)
+    if git(root, "diff", "--cached", "--name-only", "--", *present).strip():
+        git(root, "commit", "-q", "-m", message, "--", *present)
+    return git(root, "rev-parse", "HEAD").strip()
+
+
+def _push_data(root: Path) -> bool:
+    if _dvc(root, "config", "core.remote").returncode != 0:
+        return False  # no default remote: nothing to push to
+    result = _dvc(root, "push")
+    if result.returncode != 0:
+        raise PublishError(f"dvc push failed, nothing was tagged: {result.stderr.strip()}")
+    return True
+
+
+def publish(
+    root: Path,
+    bump: Bump = "patch",
+    version: str | None = None,
+    stage: str | None = None,
+    push: bool = True,
+    allow_dirty: bool = False,
+) -> Published:
+    """Publish the workspace's registered model as the next version; see the module docstring."""
+    import gto.api
+
+    root = root.resolve()
+    params = load_params(root / "params.yaml")
+    name = params.registry.name
+    card = _check_publishable(root, params, allow_dirty)
+    existing = list_versions(root, name)
+    new_version = _choose_version(existing, bump, version)
+    production = production_version(root, name)
+    failures = production_failures(
+        card["metrics"]["accuracy"], production, params.registry.max_drop_vs_prod
+    )
+    if failures:
+        raise PublishError("not published: " + "; ".join(failures))
+
+    commit = _commit(root, f"Publish {name} {new_version}")
+    already = [v for v in existing if v.commit == commit]
+    if already:
+        raise AlreadyPublished(f"this commit is already published as {already[0].tag}")
+    pushed = _push_data(root) if push else False
+    record = {
+        RECORD_KEY: 1,
+        "name": name,
+        "version": new_version,
+        "commit": commit,
+        "dirty": bool(dirty_files(root)),
+        "dirty_files": dirty_files(root),
+        "published_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "weights_sha256": card["inputs_sha256"]["weights"],
+        "metrics": {k: v for k, v in card["metrics"].items() if isinstance(v, int | float)},
+        "production": production,
+        "max_drop_vs_prod": params.registry.max_drop_vs_prod,
+        "environment": environment(params.common.device, params.common.seed),
+    }
+    message = f"Registering artifact {name} version {new_version}\n\n" + json.dumps(
+        record, indent=1, sort_keys=True
+    )
+    registration = gto.api.register(str(root), name, commit, version=new_version, message=message)
+    stage_tag = None
+    if stage:
+        assignment = gto.api.assign(
+            str(root),
+            name,
+            stage,
+            version=new_version,
+            message=f"Assigning stage {stage} to artifact {name} version {new_version}",
+        )
+        stage_tag = assignment.tag
+    return Published(name, new_version, registration.tag, commit, stage_tag, pushed, record)

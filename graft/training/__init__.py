@@ -1,0 +1,1 @@
+"""Models, starting weights, checkpoints, the training loop and the training stages."""

@@ -1,0 +1,53 @@
+"""What every training stage does around its training: resume state, outputs, clean-up.
+
+``pretrain``, ``finetune`` and ``baseline`` differ only in how they train; each writes the same
+outputs (checkpoint, per-epoch history, metrics) through :func:`run_training_stage`, and each
+resumes an interrupted run from the state kept under ``paths.<stage>.resume``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from graft import atomic
+from graft.config.params import TrainPaths
+from graft.training.checkpoints import save_checkpoint
+from graft.training.loop import TrainedModel, history_table
+from graft.training.resume import ResumeKey, clear, resume_folder
+
+
+def write_outputs(out: TrainPaths, trained: TrainedModel) -> None:
+    """Write the stage's checkpoint, history table and metrics, each atomically.
+
+    Metrics are the best epoch's validation figures plus ``best_epoch``.
+    """
+    save_checkpoint(out.checkpoint, trained.model, trained.meta)
+    atomic.write_csv(out.history, history_table(trained.outcome.history))
+    atomic.write_json(out.metrics, {**trained.meta.metrics, "best_epoch": trained.meta.epoch})
+
+
+def run_training_stage(
+    stage: str,
+    out: TrainPaths,
+    key: ResumeKey,
+    inputs: list[Path],
+    train: Callable[[Path | None], TrainedModel],
+) -> TrainedModel:
+    """Train with resume state keyed by ``key`` and ``inputs``, write the outputs, clean up.
+
+    ``train`` receives the resume folder (None when ``out.resume`` is unset) and returns the
+    trained model. The resume folder is deleted only after every output is written, so a run
+    killed at any point before that resumes from its last finished epoch.
+    """
+    started = time.perf_counter()
+    resume = resume_folder(out.resume, key, inputs) if out.resume else None
+    trained = train(resume)
+    write_outputs(out, trained)
+    if out.resume:
+        clear(out.resume)
+    elapsed = time.perf_counter() - started
+    print(f"{stage} done in {elapsed:.1f}s: {trained.meta.metrics}", file=sys.stderr)
+    return trained
