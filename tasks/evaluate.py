@@ -11,13 +11,23 @@ import sys
 from graft import atomic
 from graft.config.params import load_params
 from graft.data import schemas
+from graft.data.decoding import set_pixel_limit
 from graft.errors import run_main
 from graft.evaluation.evaluate import evaluate_checkpoints
 from graft.evaluation.misclassified import write_grid
+from graft.training.determinism import use_deterministic_kernels
 
 
 def main() -> None:
+    """Score both checkpoints and write ``paths.evaluate.*``; run from the project root.
+
+    Raises ParamsError on bad params, TableError on a damaged splits table and CheckpointError
+    when a checkpoint is missing or the baseline does not fit the fine-tuned model.
+    """
     params = load_params()
+    set_pixel_limit(params.ingest.max_pixels)  # Pillow's guard, at the ingest setting
+    # The library seeds only within its own calls; the kernel choice is this process's.
+    use_deterministic_kernels()
     splits = schemas.read_table(params.paths.split.splits, schemas.SPLITS_TABLE)
     dataset = params.paths.ingest.dataset
     scored = evaluate_checkpoints(

@@ -9,13 +9,24 @@ from __future__ import annotations
 import sys
 
 from graft import atomic
-from graft.config.params import load_params
+from graft.config.checks import check_sources
+from graft.config.params import DEFAULT_PARAMS, load_params
+from graft.data.decoding import set_pixel_limit
 from graft.data.ingest import ingest, render_summary, summarise
 from graft.errors import run_main
 
 
 def main() -> None:
-    params = load_params()
+    """Verify the sources and write ``paths.ingest.*``; run from the project root.
+
+    Raises ParamsError (bad params, a missing source folder) before any work, and IngestError
+    when a source breaks its rejection budget; nothing is written then.
+    """
+    params = load_params(DEFAULT_PARAMS)
+    check_sources(params, DEFAULT_PARAMS.parent, origin=str(DEFAULT_PARAMS))
+    # Pillow's guard at the setting never refuses a file the setting allows, and the files it
+    # would warn about are the ones the setting rejects: they get a verdict, not a warning.
+    set_pixel_limit(params.ingest.max_pixels)
     paths = params.paths.ingest
     manifest, reports = ingest(params.ingest, paths.dataset, paths.cache)
     rejected = manifest[manifest["verdict"] != "accepted"]

@@ -10,6 +10,11 @@ from graft.errors import run_main
 
 
 def main() -> None:
+    """Split the manifest's accepted images and write ``paths.split.*``; run from the root.
+
+    Raises ParamsError on bad params, TableError on a damaged manifest and SplitError when a
+    class has too few images for the fractions.
+    """
     params = load_params()
     manifest = read_manifest(params.paths.ingest.dataset)
     splits = make_splits(manifest, params.split, params.common.seed)

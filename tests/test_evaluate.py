@@ -17,7 +17,6 @@ from PIL import Image
 
 from graft.config.params import Common, Evaluate, ParamsError, parse_params
 from graft.data.layout import image_path
-from graft.errors import GraftError
 from graft.evaluation.evaluate import (
     SplitPredictions,
     calibration_table,
@@ -25,11 +24,12 @@ from graft.evaluation.evaluate import (
     evaluate_checkpoints,
     evaluation,
     expected_calibration_error,
+    predict_test_split,
     roc,
     transfer_gain,
 )
 from graft.evaluation.misclassified import CAPTION, CELL, HEADER, PAD, grid_size, write_grid
-from graft.training.checkpoints import CheckpointMeta, save_checkpoint
+from graft.training.checkpoints import CheckpointError, CheckpointMeta, save_checkpoint
 from graft.training.models import build_model
 
 
@@ -122,17 +122,44 @@ def test_transfer_gain_is_pretrained_minus_scratch() -> None:
     assert gain["macro_f1_gain"] == pytest.approx(0.1)
 
 
-def test_baseline_with_other_classes_is_refused(tmp_path: Path) -> None:
-    def checkpoint(name: str, classes: list[str]) -> Path:
-        meta = CheckpointMeta("resnet18", classes, 16, [0.5] * 3, [0.5] * 3, 1, {}, "scratch")
-        save_checkpoint(tmp_path / name, build_model("resnet18", len(classes)), meta)
+def test_baseline_that_does_not_fit_is_refused(tmp_path: Path) -> None:
+    def checkpoint(name: str, classes: list[str], arch: str = "resnet18") -> Path:
+        meta = CheckpointMeta(arch, classes, 16, [0.5] * 3, [0.5] * 3, 1, {}, "scratch")
+        save_checkpoint(tmp_path / name, build_model(arch, len(classes)), meta)
         return tmp_path / name
 
-    finetuned, baseline = checkpoint("f.pt", ["a", "b"]), checkpoint("b.pt", ["a", "c"])
+    finetuned = checkpoint("f.pt", ["a", "b"])
     settings = Evaluate(batch_size=8)
     common = Common(seed=0, image_size=16, mean=(0.5,) * 3, std=(0.5,) * 3, device="cpu")
-    with pytest.raises(GraftError, match=r"classes \['a', 'c'\].*re-run the baseline stage"):
-        evaluate_checkpoints(finetuned, baseline, pd.DataFrame(), tmp_path, settings, common)
+
+    def refusal(baseline: Path) -> str:
+        with pytest.raises(CheckpointError) as caught:
+            evaluate_checkpoints(finetuned, baseline, pd.DataFrame(), tmp_path, settings, common)
+        return str(caught.value)
+
+    other_classes = refusal(checkpoint("b.pt", ["a", "c"]))
+    assert "classes ['a', 'c']" in other_classes
+    assert "not in the checkpoint: ['b']; only in the checkpoint: ['c']" in other_classes
+    assert other_classes.endswith(f"it must match {finetuned}: re-run the baseline stage")
+    other_arch = refusal(checkpoint("s.pt", ["a", "b"], arch="mobilenet_v3_small"))
+    assert "holds a mobilenet_v3_small network, not resnet18" in other_arch
+    assert other_arch.endswith("re-run the baseline stage")
+
+
+def test_predicting_leaves_the_callers_random_state_alone(tmp_path: Path) -> None:
+    hashes = [store(tmp_path, Image.new("RGB", (8, 8), (60 * i, 0, 0))) for i in range(4)]
+    labels, paths = ["a", "a", "b", "b"], [f"{i}.png" for i in range(4)]
+    splits = pd.DataFrame(
+        {"role": "target", "sha256": hashes, "label": labels, "split": "test", "path": paths}
+    )
+    meta = CheckpointMeta("resnet18", ["a", "b"], 16, [0.5] * 3, [0.5] * 3, 1, {}, "scratch")
+    common = Common(seed=3, image_size=32, mean=(0.1,) * 3, std=(0.9,) * 3, device="cpu")
+    model, before = build_model("resnet18", 2), torch.random.get_rng_state()
+    first = predict_test_split(model, meta, splits, tmp_path, common, batch_size=3)
+    assert torch.equal(torch.random.get_rng_state(), before)  # seeded inside, restored after
+    again = predict_test_split(model, meta, splits, tmp_path, common, batch_size=3)
+    assert first.table.equals(again.table) and first.probabilities.shape == (4, 2)
+    assert first.table["actual"].tolist() == labels
 
 
 def bad_param_message(sources: Path, key: str, value: object) -> str:
@@ -178,7 +205,7 @@ def test_grid_shows_the_most_confident_mistakes_first(tmp_path: Path) -> None:
     write_grid(grid_file, table, dataset, limit=3)
     with Image.open(grid_file) as grid:
         assert grid.format == "PNG"
-        assert grid.size == grid_size(3) == (PAD + 4 * (CELL + PAD), HEADER + CELL + CAPTION + PAD)
+        assert grid.size == grid_size(3)
         rgb = grid.convert("RGB")
         # Cells left to right by confidence: green (0.99), red (0.7), white (0.6); yellow is cut.
         cell_centres = [(PAD + i * (CELL + PAD) + CELL // 2, HEADER + CELL // 2) for i in range(4)]
@@ -195,6 +222,32 @@ def test_grid_shows_the_most_confident_mistakes_first(tmp_path: Path) -> None:
     write_grid(grid_file, table, dataset, limit=16)  # more room than mistakes: all four
     with Image.open(grid_file) as grid:
         assert grid.size == grid_size(4)
+
+
+def test_grid_width_never_depends_on_the_mistakes(tmp_path: Path) -> None:
+    dataset = tmp_path / "ingested"
+    hashes = [store(dataset, Image.new("RGB", (8, 8), (20 * i, 0, 0))) for i in range(10)]
+
+    def rendered_size(mistakes: int, limit: int = 16) -> tuple[int, int]:
+        count = mistakes + 1  # and one right prediction, never drawn
+        table = pd.DataFrame(
+            {
+                "sha256": hashes[:count],
+                "path": [f"{i}.png" for i in range(count)],
+                "actual": ["a"] * count,
+                "predicted": ["b"] * mistakes + ["a"],
+                "confidence": [0.9] * count,
+            }
+        )
+        write_grid(tmp_path / "grid.png", table, dataset, limit=limit)
+        with Image.open(tmp_path / "grid.png") as grid:
+            return grid.size
+
+    sizes = {mistakes: rendered_size(mistakes) for mistakes in (0, 1, 3, 4, 5, 9)}
+    assert sizes == {mistakes: grid_size(mistakes) for mistakes in sizes}
+    assert len({width for width, _ in sizes.values()}) == 1  # one width for every count
+    assert sizes[1][1] == sizes[4][1] < sizes[5][1] < sizes[9][1]  # four cells to a row
+    assert rendered_size(9, limit=3) == grid_size(3) == sizes[3]  # only ``limit`` are drawn
 
 
 def test_grid_says_so_when_nothing_is_misclassified(tmp_path: Path) -> None:

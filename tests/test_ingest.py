@@ -32,7 +32,18 @@ def test_dataset_holds_each_accepted_image_once_by_content(sources: Path, tmp_pa
     assert read_manifest(tmp_path / "ingested").equals(manifest)  # schema-checked round trip
 
     summary = render_summary(manifest, reports)
-    assert "| 5 | 12 | 0 | 0 | 1 |" in summary  # class 5: accepted, zero_byte, not_image, corrupt
+    target = markdown_rows(summary.split("## target")[1])
+    assert target[0] == ["class", "accepted", "zero_byte", "not_image", "corrupt"]
+    assert target[1] == ["5", "12", "0", "0", "1"]  # the truncated PNG is in class 5
+    assert [row[0] for row in target[1:]] == ["5", "6", "7", "8", "9"]
+    assert markdown_rows(summary.split("## target")[0])[0][0] == "class"  # pretrain's table
+
+
+def markdown_rows(text: str) -> list[list[str]]:
+    """The cells of every Markdown table row in ``text``, headers included, rule lines not."""
+    rows = [line for line in text.splitlines() if line.startswith("|")]
+    cells = [[cell.strip() for cell in row.strip("|").split("|")] for row in rows]
+    return [row for row in cells if not all(set(cell) <= set(":-") for cell in row)]
 
 
 def test_rejection_budget_fails_with_fraction_budget_and_reasons(

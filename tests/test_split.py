@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from graft.config.params import Split
 from graft.data.schemas import SPLITS_TABLE, TableError, read_table
-from graft.data.split import SplitError, make_splits
+from graft.data.split import SplitError, make_splits, render_summary
 
 
 def manifest(per_class: dict[tuple[str, str], int]) -> pd.DataFrame:
@@ -136,6 +136,23 @@ def test_split_properties(sizes: list[int], train: float, val: float, seed: int)
     # Independent of the order rows arrive in.
     shuffled = make_splits(table.sample(frac=1, random_state=seed % 1000), settings_, seed)
     assert shuffled.equals(splits)
+
+
+def test_summary_counts_each_class_per_split_with_totals(table: pd.DataFrame) -> None:
+    summary = render_summary(make_splits(table, SETTINGS, seed=1))
+    target = summary.split("## target")[1]
+    rows = [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in target.splitlines()
+        if line.startswith("|") and not set(line) <= set("|:- ")
+    ]
+    assert rows == [
+        ["class", "train", "val", "test", "total"],
+        ["a", "20", "10", "10", "40"],
+        ["b", "10", "5", "5", "20"],
+        ["total", "30", "15", "15", "60"],
+    ]
+    assert "## pretrain" in summary.split("## target")[0]
 
 
 def test_a_damaged_splits_file_is_a_clear_error(table: pd.DataFrame, tmp_path: Path) -> None:

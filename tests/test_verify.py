@@ -95,7 +95,8 @@ def test_truncated_jpeg_passes_header_check_but_fails_full_decode(folder: Path) 
 def test_too_large_is_rejected_before_decoding(tmp_path: Path) -> None:
     root = tmp_path / "images"
     big = image_bytes("PNG", size=(200, 100))
-    put(root, "a/big.png", big)
+    # Cut inside the pixel data: a decode would call it corrupt, so too_large means no decode.
+    put(root, "a/big.png", big[: len(big) // 2])
     record = verify_folder(root, CheckSettings(min_side=8, max_pixels=19_999)).records[0]
     assert record.verdict == "too_large"
     assert "20000 pixels > max_pixels 19999" in record.reason

@@ -19,7 +19,7 @@ TARGET_DIGITS = range(5, 10)
 
 
 def digit_png(pixels: np.ndarray) -> bytes:
-    """One 8x8 scan (values 0-16) as an 8-bit grayscale PNG."""
+    """One 8x8 scan (64 values, 0-16, any shape) as the bytes of an 8-bit grayscale PNG."""
     gray = np.round(pixels.reshape(8, 8) * (255 / 16)).astype(np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(gray, mode="L").save(buffer, format="PNG")
@@ -27,7 +27,11 @@ def digit_png(pixels: np.ndarray) -> bytes:
 
 
 def write_demo(root: Path) -> dict[str, int]:
-    """Write the demo under ``root`` (``pretrain/`` and ``target/``); return files per role."""
+    """Write the demo under ``root`` (``pretrain/`` and ``target/``); return files per role.
+
+    Existing files of the same names are overwritten; others are left alone. Raises OSError
+    when ``root`` is not writable.
+    """
     digits = load_digits()
     counts = {"pretrain": 0, "target": 0}
     first_png: dict[str, bytes] = {}

@@ -1,4 +1,4 @@
-"""Stage ``ingest``: verify every image of every source and store the accepted ones by content.
+"""The ``ingest`` stage's work: verify every image of every source, store the accepted ones.
 
 Output: ``paths.ingest.dataset`` holds ``manifest.csv`` (every file seen, with its verdict) and
 ``images/<sha256[:2]>/<sha256>`` (each accepted image's exact bytes, stored once). DVC versions
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
@@ -19,13 +18,13 @@ from typing import Any
 import pandas as pd
 
 from graft import atomic
+from graft.config.params import ROLES, Ingest
 from graft.data import schemas
-from graft.config.params import ROLES, Ingest, Params, load_params
-from graft.errors import GraftError, run_main
 from graft.data.layout import image_path, manifest_path
-from graft.markdown import markdown_table
+from graft.data.reports import class_counts_markdown
 from graft.data.verify import CheckSettings, FolderReport, verify_folder
 from graft.data.verify_cache import VerifyCache
+from graft.errors import GraftError
 
 NOT_COUNTED = ("accepted", "duplicate")  # verdicts that do not use up the rejection budget
 
@@ -35,6 +34,11 @@ class IngestError(GraftError):
 
 
 def build_manifest(reports: dict[str, FolderReport]) -> pd.DataFrame:
+    """The manifest: one row per file of every role's report, in role and path order.
+
+    ``reports`` maps a role to its folder report. Raises TableError when a row breaks the
+    manifest schema (for instance an accepted image twice in one role).
+    """
     rows = [
         {"role": role, **asdict(record)}
         for role, report in reports.items()
@@ -47,7 +51,11 @@ def build_manifest(reports: dict[str, FolderReport]) -> pd.DataFrame:
 
 
 def check_reject_budget(role: str, report: FolderReport, budget: float) -> None:
-    """Fail when too many of a source's files are bad (duplicates are benign, not counted)."""
+    """Fail when too many of a source's files are bad (duplicates are benign, not counted).
+
+    ``budget`` is the largest allowed fraction of the source's files (0 to 1). Raises
+    IngestError naming the fraction, the budget's key and the three most common verdicts.
+    """
     bad = [r for r in report.records if r.verdict not in NOT_COUNTED]
     seen = len(report.records)
     fraction = len(bad) / seen if seen else 0.0
@@ -61,7 +69,11 @@ def check_reject_budget(role: str, report: FolderReport, budget: float) -> None:
 
 
 def summarise(reports: dict[str, FolderReport]) -> dict[str, dict[str, Any]]:
-    """Counts per role: files, verdicts, accepted images per class (the metrics file)."""
+    """Counts per role: files, verdicts, accepted images per class (the metrics file).
+
+    Returns ``{role: {files, accepted, rejected, skipped, classes, verdicts,
+    accepted_per_class}}``, ``verdicts`` with every verdict of schemas.VERDICTS (0 when none).
+    """
     summary: dict[str, dict[str, Any]] = {}
     for role, report in reports.items():
         verdicts = Counter(record.verdict for record in report.records)
@@ -80,7 +92,10 @@ def summarise(reports: dict[str, FolderReport]) -> dict[str, dict[str, Any]]:
 
 
 def render_summary(manifest: pd.DataFrame, reports: dict[str, FolderReport]) -> str:
-    """The Markdown report: files per class and verdict for each role, and what was skipped."""
+    """The Markdown report: files per class and verdict for each role, and what was skipped.
+
+    ``manifest`` is :func:`build_manifest` of ``reports``. Only verdicts that occur get a column.
+    """
     lines = ["# Ingest summary", ""]
     for role, report in reports.items():
         rows = manifest[manifest["role"] == role]
@@ -93,12 +108,13 @@ def render_summary(manifest: pd.DataFrame, reports: dict[str, FolderReport]) -> 
         if report.skipped:
             skipped = ", ".join(f"{reason}: {n}" for reason, n in sorted(report.skipped.items()))
             lines.append(f"Skipped: {skipped}.")
-        lines += ["", *markdown_table(table, "class"), ""]
+        lines += ["", class_counts_markdown(table), ""]
     return "\n".join(lines)
 
 
 def link_or_copy(source: Path, target: Path) -> None:
-    """Hard-link when possible (no bytes copied), else copy."""
+    """Make ``target`` (and its folder) hold ``source``'s bytes: hard-linked when possible (no
+    bytes copied), else copied. Raises OSError when neither works."""
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.link(source, target)
@@ -109,7 +125,12 @@ def link_or_copy(source: Path, target: Path) -> None:
 def ingest(
     settings: Ingest, dataset: Path, cache_folder: Path
 ) -> tuple[pd.DataFrame, dict[str, FolderReport]]:
-    """Verify all sources and write ``dataset`` (images by hash + manifest) atomically."""
+    """Verify all sources and write ``dataset`` (images by hash + manifest) atomically.
+
+    Sources are verified in role order with the verdict cache under ``cache_folder``. Returns
+    the manifest and each role's folder report. Raises IngestError when a source breaks its
+    rejection budget, before anything is written; ``dataset`` is then left as it was.
+    """
     check = CheckSettings(min_side=settings.min_side, max_pixels=settings.max_pixels)
     reports: dict[str, FolderReport] = {}
     with VerifyCache(cache_folder) as cache:

@@ -16,13 +16,18 @@ MANIFEST_NAME = "manifest.csv"
 
 
 def image_path(dataset: Path, sha256: str) -> Path:
-    """Where the accepted image with this content lives inside the ingested dataset."""
+    """Where the accepted image with this content (``sha256``, hex) lives in ``dataset``."""
     return dataset / "images" / sha256[:2] / sha256
 
 
 def manifest_path(dataset: Path) -> Path:
+    """Where the manifest of the ingested ``dataset`` folder lives."""
     return dataset / MANIFEST_NAME
 
 
 def read_manifest(dataset: Path) -> pd.DataFrame:
+    """The manifest of ``dataset``, one row per file ingest saw, checked against its schema.
+
+    Raises TableError when it does not match the schema, and OSError when it cannot be read.
+    """
     return schemas.read_table(manifest_path(dataset), schemas.MANIFEST)

@@ -17,17 +17,21 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from graft.config.params import Augment, Common
-from graft.errors import GraftError
 from graft.data.decoding import load_rgb
 from graft.data.layout import image_path
-from graft.training.loop import resolve_device
+from graft.errors import GraftError
+from graft.training.device import resolve_device
 
 Batches = DataLoader[tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
 class ImageSet:
-    """Decoded images of one role and split, with their class indices."""
+    """Decoded images of one role and split, with their class indices.
+
+    Row ``i`` of ``images`` is the image with ``sha256[i]`` and source path ``paths[i]``;
+    ``targets[i]`` indexes ``classes``.
+    """
 
     images: torch.Tensor  # uint8, (N, 3, size, size)
     targets: torch.Tensor  # int64, (N,)
@@ -51,7 +55,10 @@ def load_split(
     """Decode the images of ``role``/``split`` from the ingested dataset.
 
     ``classes`` fixes the label order (taken from the role's whole table when omitted), so
-    class indices agree between the train, val and test sets.
+    class indices agree between the train, val and test sets. Each image is resized, whole, to
+    ``size`` x ``size`` pixels. Returns images of shape (N, 3, size, size), uint8. Raises
+    GraftError when the split is empty or holds a class not in ``classes``, and OSError when
+    an image is missing from ``dataset``.
     """
     role_rows = splits[splits["role"] == role]
     classes = classes or sorted(role_rows["label"].unique())
@@ -86,6 +93,10 @@ class _TensorImages(Dataset[tuple[torch.Tensor, torch.Tensor]]):
 def make_transform(
     mean: tuple[float, ...], std: tuple[float, ...], augment: Augment | None
 ) -> v2.Transform:
+    """uint8 (3, H, W) image tensor to a normalised float32 one, augmented when ``augment``.
+
+    ``mean`` and ``std`` are per channel on the 0-1 scale; ``augment`` None means none.
+    """
     steps: list[v2.Transform] = []
     if augment is not None:
         if augment.rotation or augment.translate:
@@ -105,7 +116,11 @@ def make_loader(
     augment: Augment | None = None,
     shuffle: bool = False,
 ) -> Batches:
-    """A DataLoader whose shuffling and augmentation are fixed by ``common.seed``."""
+    """A DataLoader whose shuffling and augmentation are fixed by ``common.seed``.
+
+    Batches are (images, targets): float32 (B, 3, size, size) normalised with
+    ``common.mean``/``std``, and int64 (B,) class indices; ``batch_size`` is in images.
+    """
     return DataLoader(
         _TensorImages(images, make_transform(common.mean, common.std, augment)),
         batch_size=batch_size,
@@ -129,6 +144,7 @@ class TrainingData:
 
     @property
     def classes(self) -> list[str]:
+        """The class names, in the order of the class indices."""
         return self.train_set.classes
 
 
@@ -141,6 +157,10 @@ def training_data(
     batch_size: int,
     augment: Augment,
 ) -> TrainingData:
+    """Decode ``role``'s train and val splits at ``common.image_size`` and wrap them in loaders.
+
+    The val set uses the train set's class order. Raises as :func:`load_split` does.
+    """
     size = common.image_size
     train_set = load_split(splits, dataset, role=role, split="train", size=size)
     val_set = load_split(

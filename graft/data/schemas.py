@@ -10,6 +10,7 @@ import pandas as pd
 import pandera.pandas as pa
 from pandera.errors import SchemaError, SchemaErrors
 
+from graft.config.settings import ROLES
 from graft.errors import GraftError
 
 # The fixed vocabulary of ingest verdicts (documented in the README).
@@ -25,7 +26,6 @@ VERDICTS = (
     "label_conflict",
 )
 SPLITS = ("train", "val", "test")
-ROLES = ("pretrain", "target")
 
 _SHA256 = pa.Check.str_matches(r"^[0-9a-f]{64}$")
 _NON_EMPTY = pa.Check.str_length(min_value=1)
@@ -97,7 +97,10 @@ class TableError(GraftError):
 
 
 def validate(frame: pd.DataFrame, schema: pa.DataFrameSchema, where: str) -> pd.DataFrame:
-    """Validate ``frame`` lazily (all problems at once) and raise one readable error."""
+    """``frame`` checked against ``schema`` (coerced to its dtypes), all problems at once.
+
+    Raises TableError naming ``where`` and listing up to ten failing cases.
+    """
     try:
         return schema.validate(frame, lazy=True)
     except SchemaErrors as errors:
@@ -108,7 +111,11 @@ def validate(frame: pd.DataFrame, schema: pa.DataFrameSchema, where: str) -> pd.
 
 
 def read_table(path: str | object, schema: pa.DataFrameSchema) -> pd.DataFrame:
-    """Read a CSV written by a stage and validate it against its schema."""
+    """Read a CSV written by a stage and validate it against its schema.
+
+    Empty cells are missing values; every other cell is read as the schema's dtype says.
+    Raises TableError when the table does not match, and OSError when it cannot be read.
+    """
     dtypes = {name: column.dtype.type for name, column in schema.columns.items()}
     frame = pd.read_csv(path, dtype=dtypes, keep_default_na=False, na_values=[""])  # type: ignore[arg-type]
     return validate(frame, schema, where=str(path))

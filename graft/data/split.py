@@ -1,4 +1,4 @@
-"""Stage ``split``: stratified, seeded, leakage-free train/val/test assignment.
+"""The ``split`` stage's work: stratified, seeded, leakage-free train/val/test assignment.
 
 Within each role and class, images are ordered by a seeded hash of their content and cut at
 the requested fractions. That makes the split exactly stratified, identical on every machine
@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import pandas as pd
 
-from graft import atomic
+from graft.config.params import ROLES, Fractions, Split
 from graft.data import schemas
-from graft.config.params import ROLES, Fractions, Params, Split, load_params
-from graft.errors import GraftError, run_main
+from graft.data.reports import class_counts_markdown
+from graft.errors import GraftError
 from graft.hashing import sha256_hex
-from graft.data.layout import read_manifest
-from graft.markdown import markdown_table
 
 
 class SplitError(GraftError):
@@ -29,13 +27,23 @@ def _order_key(seed: int, sha256: str) -> str:
 
 
 def split_counts(total: int, fractions: Fractions) -> tuple[int, int, int]:
-    """(train, val, test) sizes for a class of ``total`` images; every split asked for gets one."""
+    """(train, val, test) sizes for a class of ``total`` images; every split asked for gets one.
+
+    Val and test are rounded from their fractions (at least 1 each when asked for); train takes
+    the rest, which is below 1 when the class is too small.
+    """
     val = max(1, round(fractions.val * total))
     test = max(1, round(fractions.test * total)) if fractions.test > 0 else 0
     return total - val - test, val, test
 
 
 def split_role(accepted: pd.DataFrame, fractions: Fractions, seed: int, role: str) -> pd.DataFrame:
+    """``accepted`` (manifest rows of one role) with a ``split`` column, class by class.
+
+    Within each class rows are ordered by a hash of ``seed`` and their sha256 and cut at
+    ``fractions``. Raises SplitError naming the class and the images it needs when a class is
+    too small for a train image.
+    """
     parts = []
     for label, group in accepted.groupby("label", sort=True):
         train, val, test = split_counts(len(group), fractions)
@@ -53,7 +61,12 @@ def split_role(accepted: pd.DataFrame, fractions: Fractions, seed: int, role: st
 
 
 def make_splits(manifest: pd.DataFrame, settings: Split, seed: int) -> pd.DataFrame:
-    """Assign every accepted image of every role to train, val or test."""
+    """Assign every accepted image of every role to train, val or test.
+
+    Returns the splits table (schemas.SPLITS_TABLE), sorted by role, label and sha256, so the
+    same manifest and seed give the same bytes whatever the row order. Raises SplitError when
+    a role has no accepted images or a class is too small.
+    """
     accepted = manifest[manifest["verdict"] == "accepted"]
     tables = []
     for role in ROLES:
@@ -68,7 +81,10 @@ def make_splits(manifest: pd.DataFrame, settings: Split, seed: int) -> pd.DataFr
 
 
 def count_table(splits: pd.DataFrame) -> dict[str, dict[str, dict[str, object]]]:
-    """Images per role, split and class, for the metrics file."""
+    """Images per role, split and class, for the metrics file.
+
+    Returns ``{role: {split: {"total": images, "classes": {class: images}}}}``.
+    """
     counts: dict[str, dict[str, dict[str, object]]] = {}
     for (role, split), group in splits.groupby(["role", "split"], sort=True):
         per_class = {str(k): int(v) for k, v in group["label"].value_counts().sort_index().items()}
@@ -77,10 +93,10 @@ def count_table(splits: pd.DataFrame) -> dict[str, dict[str, dict[str, object]]]
 
 
 def render_summary(splits: pd.DataFrame) -> str:
-    """The Markdown report: images per class in each split, for each role."""
+    """The Markdown report: images per class in each split, for each role, with totals."""
     lines = ["# Split summary", ""]
     for role, rows in splits.groupby("role", sort=True):
         table = pd.crosstab(rows["label"], rows["split"], margins=True, margins_name="total")
         table = table.reindex(columns=[c for c in (*schemas.SPLITS, "total") if c in table])
-        lines += [f"## {role}", "", *markdown_table(table, "class"), ""]
+        lines += [f"## {role}", "", class_counts_markdown(table), ""]
     return "\n".join(lines)

@@ -15,10 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from graft.hashing import sha256_hex
-from graft.data.decoding import ImageCheck, check_image_bytes
-from graft.progress import Progress
+from graft.data.decoding import ImageCheck, check_image_bytes, pillow_refuses_above
 from graft.data.verify_cache import FileStat, VerifyCache, store_object
+from graft.hashing import sha256_hex
+from graft.progress import Progress
 
 # Bump when check_image_bytes would judge some bytes differently: old cached verdicts expire.
 CHECKER_VERSION = 1
@@ -28,17 +28,33 @@ CHUNK = 64  # files per task handed to a worker: amortises the hand-over
 
 @dataclass(frozen=True)
 class CheckSettings:
+    """The limits behind ``too_small`` (``min_side``, pixels) and ``too_large`` (``max_pixels``,
+    width x height in pixels), as :func:`graft.data.decoding.check_image_bytes` takes them."""
+
     min_side: int
     max_pixels: int
 
     def key(self) -> str:
-        """Identifies the verdicts these settings give, for the cache."""
-        return f"v{CHECKER_VERSION}:min_side={self.min_side}:max_pixels={self.max_pixels}"
+        """A string that identifies the verdicts these settings give here, for the cache.
+
+        Pillow's own limit joins the key only when it refuses files ``max_pixels`` allows, the
+        one case where it changes verdicts (see graft.data.decoding.set_pixel_limit).
+        """
+        key = f"v{CHECKER_VERSION}:min_side={self.min_side}:max_pixels={self.max_pixels}"
+        refuses_above = pillow_refuses_above()
+        if refuses_above is not None and refuses_above < self.max_pixels:
+            key += f":pillow_refuses_above={refuses_above}"
+        return key
 
 
 @dataclass(frozen=True)
 class FileRecord:
-    """One file of a source and its verdict (a manifest row without the role)."""
+    """One file of a source and its verdict (a manifest row without the role).
+
+    ``bytes`` is the file's size in bytes; width and height (pixels), mode and format come
+    from its header. Everything after ``reason`` is None when the file could not be read (and
+    the header facts when it is not an image).
+    """
 
     path: str  # relative to the source root, forward slashes, printable (see display_name)
     label: str
@@ -53,6 +69,7 @@ class FileRecord:
 
     @classmethod
     def of(cls, path: str, label: str, sha256: str, size: int, check: ImageCheck) -> FileRecord:
+        """The record of a file that was read: its hash, size in bytes and check result."""
         return cls(
             path, label, check.verdict, check.reason, sha256, size,
             check.width, check.height, check.mode, check.format,
@@ -61,11 +78,15 @@ class FileRecord:
 
 @dataclass
 class FolderReport:
+    """What verifying one folder found: a record per file (in path order), the counts of files
+    skipped by reason, and how many files were actually decoded in this run."""
+
     records: list[FileRecord]
     skipped: Counter[str] = field(default_factory=Counter)  # why files were not considered
     decoded: int = 0  # files actually read and decoded in this run (the rest came from cache)
 
     def accepted(self) -> list[FileRecord]:
+        """The records with verdict ``accepted``, in path order."""
         return [record for record in self.records if record.verdict == "accepted"]
 
 
@@ -80,6 +101,8 @@ def _is_hidden(name: str) -> bool:
 
 @dataclass(frozen=True)
 class SourceFile:
+    """A file found under a class folder: its OS path, its printable relative path and label."""
+
     path: str  # absolute, as the OS names it
     relative: str  # relative to the source root, forward slashes, printable
     label: str
@@ -88,9 +111,12 @@ class SourceFile:
 def scan_folder(root: Path) -> tuple[list[SourceFile], Counter[str]]:
     """Every file under ``root``'s class folders in a stable order, plus counts of skipped files.
 
-    Works on plain strings rather than Path objects: on 25,000 files pathlib's overhead was
-    most of an incremental run.
+    The order is by the raw bytes of each name, so it never depends on the disk or the locale.
+    Linked folders inside a class folder are not followed (links can loop). Raises OSError
+    when ``root`` cannot be listed.
     """
+    # Plain strings rather than Path objects: on 25,000 files pathlib's overhead was most of
+    # an incremental run.
     skipped: Counter[str] = Counter()
     found: list[SourceFile] = []
     base = os.path.abspath(root)
@@ -175,7 +201,12 @@ def _run_checks(
 
 
 def resolve_duplicates(records: list[FileRecord]) -> list[FileRecord]:
-    """Keep one copy of each accepted content; reject content found under two labels."""
+    """Keep one copy of each accepted content; reject content found under two labels.
+
+    Returns ``records`` in the same order: of the accepted records sharing a sha256 under one
+    label, all but the first become ``duplicate``; under several labels, all become
+    ``label_conflict``. Other records are unchanged.
+    """
     by_hash: dict[str, list[int]] = defaultdict(list)
     for index, record in enumerate(records):
         if record.verdict == "accepted" and record.sha256:
@@ -198,6 +229,7 @@ def resolve_duplicates(records: list[FileRecord]) -> list[FileRecord]:
 
 
 def default_workers() -> int:
+    """The number of cores this process may run on (at least 1)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
@@ -211,8 +243,10 @@ def verify_folder(
 ) -> FolderReport:
     """Verify every file under ``root``; duplicates and label conflicts resolved.
 
-    ``workers`` 0 means one worker per available core. With ``cache``, accepted bytes are kept in
-    its object store and unchanged files are not read again.
+    ``settings`` are the limits of the checks; ``workers`` is the number of threads, 0 for one
+    per available core; ``what`` labels the progress bar. With ``cache``, accepted bytes are
+    kept in its object store and unchanged files are not read again. A file that cannot be
+    read gets the verdict ``unreadable``; only a ``root`` that cannot be listed raises OSError.
     """
     files, skipped = scan_folder(root)
     key = settings.key()

@@ -38,17 +38,25 @@ CREATE TABLE IF NOT EXISTS verdicts (
 
 @dataclass(frozen=True)
 class FileStat:
+    """What says a file is unchanged: size in bytes, mtime in nanoseconds and inode."""
+
     size: int
     mtime_ns: int
     inode: int
 
     @classmethod
     def of(cls, result: os.stat_result) -> FileStat:
+        """The facts of an ``os.stat`` result."""
         return cls(result.st_size, result.st_mtime_ns, result.st_ino)
 
 
 class VerifyCache:
-    """The stats/verdicts database and the object store under one folder."""
+    """The stats/verdicts database and the object store under one folder.
+
+    Opening creates ``folder`` when needed (raising OSError or sqlite3.Error when it cannot);
+    use it as a context manager, or call :meth:`close`. Lookups are for one thread; the object
+    store (:func:`store_object`) may be written from many.
+    """
 
     def __init__(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
@@ -60,6 +68,7 @@ class VerifyCache:
         self._stored: set[str] | None = None
 
     def close(self) -> None:
+        """Close the database; recorded entries are already committed."""
         self._db.close()
 
     def __enter__(self) -> VerifyCache:
@@ -69,10 +78,11 @@ class VerifyCache:
         self.close()
 
     def object_path(self, sha256: str) -> Path:
+        """Where the accepted bytes with this sha256 (hex) are stored, whether or not they are."""
         return object_path(self.objects, sha256)
 
     def known_hash(self, path: str, stat: FileStat) -> str | None:
-        """The sha256 recorded for ``path`` if its size, mtime and inode are unchanged."""
+        """The sha256 (hex) recorded for ``path`` if its size, mtime and inode are unchanged."""
         if self._hashes is None:  # one query for the whole table, not one per file
             rows = self._db.execute("SELECT path, size, mtime_ns, inode, sha256 FROM stats")
             self._hashes = {row[0]: (FileStat(*row[1:4]), row[4]) for row in rows}
@@ -80,7 +90,11 @@ class VerifyCache:
         return known[1] if known and known[0] == stat else None
 
     def known_verdict(self, sha256: str, settings: str) -> ImageCheck | None:
-        """The verdict recorded for this content under these settings, if still usable."""
+        """The verdict recorded for this content under these settings, if still usable.
+
+        ``settings`` is a :meth:`graft.data.verify.CheckSettings.key`. None when there is none,
+        or when it is ``accepted`` but the bytes are no longer in the store.
+        """
         if settings not in self._verdicts:
             rows = self._db.execute(
                 "SELECT sha256, verdict, reason, width, height, mode, format FROM verdicts "
@@ -110,7 +124,10 @@ class VerifyCache:
         settings: str,
         entries: Iterable[tuple[str, FileStat, str, ImageCheck]],
     ) -> None:
-        """Record (path, stat, sha256, check) for files verified in this run."""
+        """Record (path, stat, sha256, check) for files verified in this run, under ``settings``.
+
+        Later entries for the same path, or the same content and settings, replace earlier ones.
+        """
         rows = list(entries)
         self._hashes, self._verdicts, self._stored = None, {}, None  # reload on next lookup
         with self._db:
@@ -128,11 +145,16 @@ class VerifyCache:
 
 
 def object_path(objects: Path, sha256: str) -> Path:
+    """``objects/<sha256[:2]>/<sha256>``: where bytes with this sha256 (hex) belong."""
     return objects / sha256[:2] / sha256
 
 
 def store_object(objects: Path, sha256: str, data: bytes) -> None:
-    """Write ``data`` under its hash, once, atomically and read-only."""
+    """Write ``data`` under its hash (``sha256``, hex), once, atomically and read-only.
+
+    Safe from many threads and processes at once. Raises OSError when the store is not
+    writable.
+    """
     target = object_path(objects, sha256)
     if target.exists():
         return

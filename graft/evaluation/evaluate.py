@@ -1,4 +1,4 @@
-"""Stage ``evaluate``: score the fine-tuned model on the target test split.
+"""The ``evaluate`` stage's work: score the fine-tuned model on the target test split.
 
 Writes per-image predictions (the confusion-matrix plot), a reliability-diagram table, a ROC
 curve table (filled for two classes), a PNG grid of the most confident mistakes, and metrics:
@@ -24,12 +24,18 @@ from sklearn.metrics import (
 )
 from torch import nn
 
-from graft.config.params import DEFAULT_CALIBRATION_BINS, Common, Evaluate
+from graft.config.params import Common, Evaluate
 from graft.data import schemas
 from graft.data.loaders import load_split, make_loader
-from graft.errors import GraftError
-from graft.training.checkpoints import CheckpointMeta, model_from_checkpoint
-from graft.training.loop import predict, resolve_device, seed_everything
+from graft.training.checkpoints import (
+    CheckpointError,
+    CheckpointMeta,
+    check_fits,
+    model_from_checkpoint,
+)
+from graft.training.determinism import seeded
+from graft.training.device import resolve_device
+from graft.training.loop import predict
 
 CALIBRATION_COLUMNS = ["bin", "lower", "upper", "images", "confidence", "accuracy"]
 ROC_COLUMNS = ["fpr", "tpr", "threshold"]
@@ -53,18 +59,29 @@ def predict_test_split(
     *,
     batch_size: int,
 ) -> SplitPredictions:
-    """Run ``model`` over the target test split, preprocessed exactly as it was trained."""
-    seed_everything(common.seed)
-    device = resolve_device(common.device)
-    # Size and normalisation come from the model's card, not from today's params.
-    preprocessing = common.model_copy(
-        update={"image_size": meta.image_size, "mean": tuple(meta.mean), "std": tuple(meta.std)}
-    )
-    test_set = load_split(
-        splits, dataset, role="target", split="test", size=meta.image_size, classes=meta.classes
-    )
-    loader = make_loader(test_set, preprocessing, batch_size=batch_size)
-    probabilities = predict(model.to(device), loader, device).double()
+    """Run ``model`` over the target test split, preprocessed exactly as it was trained.
+
+    Size, normalisation and class order come from ``meta`` (the model's checkpoint), the
+    device, loader settings and seed from ``common``; ``batch_size`` is in images. Global RNGs
+    are seeded for the run and restored afterwards. Returns one predictions row per test image
+    (probabilities of shape (images, classes)). Raises GraftError when the test split is empty
+    or holds classes the model does not know.
+    """
+    with seeded(common.seed):
+        device = resolve_device(common.device)
+        # Size and normalisation come from the model's card, not from today's params.
+        preprocessing = common.model_copy(
+            update={
+                "image_size": meta.image_size,
+                "mean": tuple(meta.mean),
+                "std": tuple(meta.std),
+            }
+        )
+        test_set = load_split(
+            splits, dataset, role="target", split="test", size=meta.image_size, classes=meta.classes
+        )
+        loader = make_loader(test_set, preprocessing, batch_size=batch_size)
+        probabilities = predict(model.to(device), loader, device).double()
     confidence, predicted = probabilities.max(dim=1)
     table = pd.DataFrame(
         {
@@ -80,7 +97,14 @@ def predict_test_split(
 
 
 def classification_metrics(predictions: pd.DataFrame, classes: list[str]) -> dict[str, object]:
-    """Accuracy, balanced accuracy (mean recall over classes), macro F1 and per-class scores."""
+    """Accuracy, balanced accuracy (mean recall over classes), macro F1 and per-class scores.
+
+    ``predictions`` is a predictions table (``actual`` and ``predicted`` class names, one row
+    per image); ``classes`` lists every class, in the order ``per_class`` follows. Returns
+    ``test_images`` (count), ``accuracy``, ``balanced_accuracy``, ``macro_f1`` (fractions, 0 to
+    1) and ``per_class``: ``{class: {precision, recall, f1, support}}``, support in images. A
+    class without predictions or images scores 0, never NaN.
+    """
     actual, predicted = predictions["actual"], predictions["predicted"]
     precision, recall, f1, support = precision_recall_fscore_support(
         actual, predicted, labels=classes, zero_division=0
@@ -108,8 +132,10 @@ def classification_metrics(predictions: pd.DataFrame, classes: list[str]) -> dic
 def calibration_table(predictions: pd.DataFrame, bins: int) -> pd.DataFrame:
     """The reliability diagram: top-class confidence cut into ``bins`` equal-width bins.
 
-    Bin ``b`` holds confidences in ``(b/bins, (b+1)/bins]``; each non-empty bin has its image
-    count, mean confidence and accuracy. Empty bins are left out (they have neither).
+    Bin ``b`` holds confidences in ``(b/bins, (b+1)/bins]`` (0 falls into bin 0). Returns one
+    row per non-empty bin with columns CALIBRATION_COLUMNS: ``bin``, its ``lower`` and ``upper``
+    edge, ``images`` (count), mean ``confidence`` and ``accuracy`` (fractions). Empty bins are
+    left out (they have neither).
     """
     confidence = predictions["confidence"].to_numpy(dtype=np.float64)
     correct = (predictions["actual"] == predictions["predicted"]).to_numpy(dtype=np.float64)
@@ -132,7 +158,10 @@ def calibration_table(predictions: pd.DataFrame, bins: int) -> pd.DataFrame:
 
 
 def expected_calibration_error(calibration: pd.DataFrame) -> float:
-    """Sum over bins of (share of images) x |accuracy - mean confidence|."""
+    """Sum over bins of (share of images) x |accuracy - mean confidence|: 0 to 1, 0 calibrated.
+
+    ``calibration`` is a :func:`calibration_table` with at least one row.
+    """
     images = calibration["images"].to_numpy(dtype=np.float64)
     gaps = (calibration["accuracy"] - calibration["confidence"]).abs().to_numpy()
     return float((images * gaps).sum() / images.sum())
@@ -141,8 +170,9 @@ def expected_calibration_error(calibration: pd.DataFrame) -> float:
 def roc(test: SplitPredictions) -> tuple[float | None, pd.DataFrame]:
     """ROC-AUC and curve for two classes, the second (sorted) class being the positive one.
 
-    None and an empty curve for more classes, or when the test split holds only one class
-    (the curve needs both).
+    Returns the area under the curve (0 to 1) and the curve as a frame of ROC_COLUMNS (false
+    and true positive rates, score threshold), one row per threshold. None and an empty curve
+    for more classes, or when the test split holds only one class (the curve needs both).
     """
     empty = pd.DataFrame(columns=ROC_COLUMNS)
     if len(test.classes) != 2:
@@ -158,7 +188,8 @@ def roc(test: SplitPredictions) -> tuple[float | None, pd.DataFrame]:
 
 @dataclass(frozen=True)
 class Evaluation:
-    """Everything the stage writes except the image grid."""
+    """Everything the stage writes except the image grid: the predictions table, the
+    reliability-diagram and ROC tables and the metrics (see :func:`evaluation`)."""
 
     predictions: pd.DataFrame
     calibration: pd.DataFrame
@@ -167,7 +198,11 @@ class Evaluation:
 
 
 def evaluation(test: SplitPredictions, calibration_bins: int) -> Evaluation:
-    """Every metric and table computed from one model's test predictions."""
+    """Every metric and table computed from one model's test predictions.
+
+    ``calibration_bins`` is the number of equal-width confidence bins of the ECE. The metrics
+    are :func:`classification_metrics`' plus ``ece``, and ``roc_auc`` when :func:`roc` gives one.
+    """
     metrics = classification_metrics(test.table, test.classes)
     calibration = calibration_table(test.table, calibration_bins)
     metrics["ece"] = expected_calibration_error(calibration)
@@ -177,24 +212,13 @@ def evaluation(test: SplitPredictions, calibration_bins: int) -> Evaluation:
     return Evaluation(test.table, calibration, curve, metrics)
 
 
-def evaluate(
-    model: nn.Module,
-    meta: CheckpointMeta,
-    splits: pd.DataFrame,
-    dataset: Path,
-    common: Common,
-    *,
-    batch_size: int,
-    calibration_bins: int = DEFAULT_CALIBRATION_BINS,
-) -> tuple[pd.DataFrame, dict[str, object]]:
-    """Predictions on the target test split and the metrics computed from them."""
-    test = predict_test_split(model, meta, splits, dataset, common, batch_size=batch_size)
-    scored = evaluation(test, calibration_bins)
-    return scored.predictions, scored.metrics
-
-
 def transfer_gain(pretrained: dict[str, object], scratch: dict[str, object]) -> dict[str, float]:
-    """What pretraining bought: test scores from the pretrained backbone against random weights."""
+    """What pretraining bought: test scores from the pretrained backbone against random weights.
+
+    ``pretrained`` and ``scratch`` are :func:`classification_metrics` of the two models on the
+    same test images. Returns both accuracies and macro F1 scores (fractions) and their
+    differences, ``gain`` and ``macro_f1_gain`` (pretrained minus scratch, -1 to 1).
+    """
     accuracy, scratch_accuracy = _score(pretrained, "accuracy"), _score(scratch, "accuracy")
     macro_f1, scratch_macro_f1 = _score(pretrained, "macro_f1"), _score(scratch, "macro_f1")
     return {
@@ -221,14 +245,23 @@ def evaluate_checkpoints(
     settings: Evaluate,
     common: Common,
 ) -> Evaluation:
-    """Score the fine-tuned model, and the random-weights baseline beside it, on the test split."""
+    """Score the fine-tuned model, and the random-weights baseline beside it, on the test split.
+
+    ``finetuned`` and ``baseline`` are checkpoint paths; ``splits`` the splits table and
+    ``dataset`` the ingested dataset folder. Returns the fine-tuned model's :class:`Evaluation`,
+    its metrics with a ``transfer_gain`` entry (:func:`transfer_gain`). Raises CheckpointError
+    when a checkpoint cannot be read or the baseline's classes or architecture differ from the
+    fine-tuned model's (naming the classes missing on each side), and GraftError as
+    :func:`predict_test_split` does.
+    """
     model, meta = model_from_checkpoint(finetuned)
     scratch_model, scratch_meta = model_from_checkpoint(baseline)
-    if scratch_meta.classes != meta.classes:
-        raise GraftError(
-            f"{baseline} has classes {scratch_meta.classes} but {finetuned} has {meta.classes}: "
-            "re-run the baseline stage"
-        )
+    try:
+        check_fits(scratch_meta, baseline, classes=meta.classes, arch=meta.arch)
+    except CheckpointError as error:
+        # The baseline is the same recipe from random weights: it must fit the fine-tuned model.
+        message = f"{error}; it must match {finetuned}: re-run the baseline stage"
+        raise CheckpointError(message) from None
     test = predict_test_split(model, meta, splits, dataset, common, batch_size=settings.batch_size)
     scored = evaluation(test, settings.calibration_bins)
     scratch = predict_test_split(

@@ -29,14 +29,21 @@ Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
 
 
 def most_confident_mistakes(predictions: pd.DataFrame, limit: int) -> pd.DataFrame:
-    """Wrong predictions, most confident first (ties by hash, so the choice is reproducible)."""
+    """Wrong predictions, most confident first (ties by hash, so the choice is reproducible).
+
+    ``predictions`` is a predictions table; returns at most ``limit`` of its rows where
+    ``actual`` differs from ``predicted``, with a fresh 0-based index.
+    """
     wrong = predictions[predictions["actual"] != predictions["predicted"]]
     ordered = wrong.sort_values(["confidence", "sha256"], ascending=[False, True], kind="stable")
     return ordered.head(limit).reset_index(drop=True)
 
 
 def grid_size(images: int) -> tuple[int, int]:
-    """Width and height in pixels of the grid for this many images (0: the message only)."""
+    """Width and height in pixels of the grid for this many images (0: the message only).
+
+    The width is the same for every count: COLUMNS cells wide, however many images there are.
+    """
     if images == 0:
         return WIDTH, HEADER + EMPTY_BODY
     rows = math.ceil(images / COLUMNS)
@@ -44,7 +51,12 @@ def grid_size(images: int) -> tuple[int, int]:
 
 
 def render_grid(predictions: pd.DataFrame, dataset: Path, limit: int) -> Image.Image:
-    """The grid of at most ``limit`` most confident mistakes among ``predictions``."""
+    """The grid of at most ``limit`` most confident mistakes among ``predictions``.
+
+    Images are read from the ingested ``dataset`` folder by hash. Returns an RGB image of
+    :func:`grid_size` for the number of mistakes shown, with a line saying that nothing was
+    misclassified when nothing was. Raises GraftError when a shown image is missing.
+    """
     mistakes = most_confident_mistakes(predictions, limit)
     wrong = int((predictions["actual"] != predictions["predicted"]).sum())
     canvas = Image.new("RGB", grid_size(len(mistakes)), "white")
@@ -74,7 +86,10 @@ def render_grid(predictions: pd.DataFrame, dataset: Path, limit: int) -> Image.I
 
 
 def write_grid(destination: Path, predictions: pd.DataFrame, dataset: Path, limit: int) -> None:
-    """Render the grid and write it atomically as PNG."""
+    """Render the grid (:func:`render_grid`) and write it to ``destination`` atomically as PNG.
+
+    Raises GraftError when a shown image is missing from ``dataset``.
+    """
     grid = render_grid(predictions, dataset, limit)
     with atomic_path(destination) as temporary:
         grid.save(temporary, format="PNG")
