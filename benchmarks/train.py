@@ -58,8 +58,10 @@ from graft.data.ingest import ingest
 from graft.data.loaders import load_split, make_loader
 from graft.data.split import make_splits
 from graft.training.checkpoints import CheckpointMeta, save_checkpoint
+from graft.training.determinism import use_deterministic_kernels
+from graft.training.device import resolve_device
 from graft.training.finetune import finetune
-from graft.training.loop import predict, resolve_device
+from graft.training.loop import predict
 from graft.training.models import (
     backbone_blocks,
     build_model,
@@ -279,6 +281,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed")
     parser.add_argument("--quick", action="store_true", help="3 classes, 2 epochs: seconds")
     arguments = parser.parse_args()
+    use_deterministic_kernels()  # as the stage entry points do
     if arguments.quick:
         arguments.classes, arguments.train_per_class, arguments.epochs = 3, 4, 2
         arguments.pretrain_epochs, arguments.pretrain_per_class = 1, 10

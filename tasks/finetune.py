@@ -6,16 +6,23 @@ graft.training.finetune).
 
 from __future__ import annotations
 
+from graft.config.checks import check_arch
 from graft.config.params import load_params
 from graft.data import schemas
+from graft.data.decoding import set_pixel_limit
 from graft.data.layout import manifest_path
 from graft.errors import run_main
+from graft.training.determinism import use_deterministic_kernels
 from graft.training.finetune import finetune
 from graft.training.stage import run_training_stage
 
 
 def main() -> None:
+    """Run the ``finetune`` stage with the project's params.yaml, from the project root."""
+    use_deterministic_kernels()
     params = load_params()
+    check_arch(params)  # before any work: pretrain.arch must be known to torchvision
+    set_pixel_limit(params.ingest.max_pixels)  # Pillow's guard, at the ingest setting
     splits = schemas.read_table(params.paths.split.splits, schemas.SPLITS_TABLE)
     dataset, backbone = params.paths.ingest.dataset, params.paths.pretrain.checkpoint
     run_training_stage(

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+from graft.config.checks import check_arch
 from graft.config.params import load_params
 from graft.data import schemas
+from graft.data.decoding import set_pixel_limit
 from graft.data.layout import manifest_path
 from graft.errors import run_main
+from graft.training.determinism import use_deterministic_kernels
 from graft.training.pretrain import pretrain
 from graft.training.stage import run_training_stage
 
 
 def main() -> None:
+    """Run the ``pretrain`` stage with the project's params.yaml, from the project root."""
+    use_deterministic_kernels()
     params = load_params()
+    check_arch(params)  # before any work: pretrain.arch must be known to torchvision
+    set_pixel_limit(params.ingest.max_pixels)  # Pillow's guard, at the ingest setting
     splits = schemas.read_table(params.paths.split.splits, schemas.SPLITS_TABLE)
     dataset = params.paths.ingest.dataset
     run_training_stage(

@@ -91,7 +91,14 @@ def test_checkpoint_for_other_classes_or_arch_is_a_clear_error(tmp_path: Path) -
     check_fits(card, path, classes=["a", "b", "c"], arch="resnet18")
     with pytest.raises(CheckpointError, match=r"not in the checkpoint: \['d'\]"):
         check_fits(card, path, classes=["a", "b", "d"], arch="resnet18")
+    with pytest.raises(
+        CheckpointError, match=r"not in the checkpoint: \[\]; only in the checkpoint: \['c'\]"
+    ):
+        check_fits(card, path, classes=["a", "b"], arch="resnet18")
     with pytest.raises(CheckpointError, match="another order"):
         check_fits(card, path, classes=["c", "b", "a"], arch="resnet18")
     with pytest.raises(CheckpointError, match="holds a resnet18 network, not vgg16"):
         check_fits(card, path, classes=["a", "b", "c"], arch="vgg16")
+    check_fits(card, path, arch="resnet18")  # the architecture alone, for any classes
+    with pytest.raises(CheckpointError, match="holds a resnet18 network, not vgg16"):
+        check_fits(card, path, arch="vgg16")

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import copy
+from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
 import torchvision
 from torch import nn
 
+from graft.training.determinism import seeded
 from graft.training.folding import (
     FoldedLinear,
     cell_groups,
@@ -18,6 +21,8 @@ from graft.training.folding import (
     track_weight_decay,
     unfold,
 )
+from graft.training.history import EpochResult
+from graft.training.loop import Interrupted, fit
 from graft.training.models import ModelError, build_model
 
 
@@ -116,3 +121,38 @@ def test_training_folded_then_unfolding_equals_training_the_full_network(size: i
         assert trained[name].shape == tensor.shape, name
         assert torch.allclose(trained[name], tensor, rtol=1e-9, atol=1e-12), name
     assert (expected["classifier.0.weight"] - start).abs().max() > 1e-3  # it did train
+
+
+def test_a_resumed_folded_fit_with_weight_decay_ends_where_an_uninterrupted_one_does(
+    tmp_path: Path,
+) -> None:
+    """Resuming loads the optimizer's saved state, which replaces its parameter groups: the
+    folded offsets' weight decay must follow the learning rate the schedule sets in the new
+    groups, or the resumed weights drift from the uninterrupted ones."""
+    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    batches = [(images[:4], torch.tensor([0, 1, 0, 1])), (images[4:], torch.tensor([1, 0, 1, 0]))]
+
+    def run(resume: Path, stop_after: int | None = None) -> dict[str, torch.Tensor]:
+        def interrupt(result: EpochResult) -> None:
+            if result.epoch == stop_after:
+                raise Interrupted
+
+        with seeded(0):
+            model = small_vgg(classes=2)
+            with folded(model, 32) as applied:
+                assert applied
+                fit(
+                    model, [{"params": list(model.parameters()), "lr": 1e-2}], batches, batches,
+                    epochs=4, patience=4, device=torch.device("cpu"), phase="pretrain",
+                    weight_decay=0.5, resume=resume, after_epoch=interrupt,
+                    on_optimizer=partial(track_weight_decay, model),
+                )  # fmt: skip
+        return model.state_dict()
+
+    whole = run(tmp_path / "whole.pt")
+    state = tmp_path / "interrupted.pt"
+    with pytest.raises(Interrupted):
+        run(state, stop_after=1)
+    resumed = run(state)
+    for name, tensor in whole.items():
+        assert torch.equal(tensor, resumed[name]), name

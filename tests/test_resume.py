@@ -9,7 +9,9 @@ import torch
 
 from graft.config.params import Augment, Common
 from graft.data.loaders import ImageSet, make_loader
-from graft.training.loop import EpochResult, FitOutcome, Interrupted, fit, seed_everything
+from graft.training.determinism import seeded
+from graft.training.history import EpochResult, FitOutcome
+from graft.training.loop import Interrupted, fit
 from graft.training.models import build_model
 
 COMMON = Common(seed=5, image_size=16, mean=(0.5,) * 3, std=(0.5,) * 3, device="cpu")
@@ -17,22 +19,23 @@ COMMON = Common(seed=5, image_size=16, mean=(0.5,) * 3, std=(0.5,) * 3, device="
 
 def run(resume: Path | None, stop_after: int | None = None) -> tuple[torch.nn.Module, FitOutcome]:
     """One process's worth of work: seed, build, load data, fit (as the stage does)."""
-    seed_everything(COMMON.seed)
-    model = build_model("resnet18", 3)
-    images = torch.randint(0, 256, (24, 3, 16, 16), dtype=torch.uint8)
-    data = ImageSet(images, torch.arange(24) % 3, ["a", "b", "c"], ["0" * 64] * 24, ["x"] * 24)
-    train = make_loader(data, COMMON, batch_size=8, augment=Augment(rotation=10), shuffle=True)
-    val = make_loader(data, COMMON, batch_size=8)
+    with seeded(COMMON.seed):
+        model = build_model("resnet18", 3)
+        images = torch.randint(0, 256, (24, 3, 16, 16), dtype=torch.uint8)
+        labels = torch.arange(24) % 3
+        data = ImageSet(images, labels, ["a", "b", "c"], ["0" * 64] * 24, ["x"] * 24)
+        train = make_loader(data, COMMON, batch_size=8, augment=Augment(rotation=10), shuffle=True)
+        val = make_loader(data, COMMON, batch_size=8)
 
-    def interrupt(result: EpochResult) -> None:
-        if result.epoch == stop_after:
-            raise Interrupted(f"stopped after epoch {result.epoch}")
+        def interrupt(result: EpochResult) -> None:
+            if result.epoch == stop_after:
+                raise Interrupted(f"stopped after epoch {result.epoch}")
 
-    outcome = fit(
-        model, [{"params": list(model.parameters()), "lr": 1e-3}], train, val,
-        epochs=4, patience=10, device=torch.device("cpu"), phase="pretrain",
-        resume=resume, after_epoch=interrupt,
-    )  # fmt: skip
+        outcome = fit(
+            model, [{"params": list(model.parameters()), "lr": 1e-3}], train, val,
+            epochs=4, patience=10, device=torch.device("cpu"), phase="pretrain",
+            resume=resume, after_epoch=interrupt,
+        )  # fmt: skip
     return model, outcome
 
 

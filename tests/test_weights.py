@@ -11,7 +11,13 @@ import torchvision
 from graft.hashing import file_sha256
 from graft.training.checkpoints import CheckpointMeta, save_checkpoint
 from graft.training.models import build_model
-from graft.training.weights import WeightsError, hub_file, imagenet_weights, starting_weights
+from graft.training.weights import (
+    WeightsError,
+    backbone_weights,
+    hub_file,
+    imagenet_weights,
+    starting_weights,
+)
 
 
 def test_missing_imagenet_weights_fail_at_once_naming_file_folder_and_url(
@@ -56,10 +62,32 @@ def test_checkpoint_init_must_match_the_architecture(tmp_path: Path) -> None:
     save_checkpoint(path, build_model("resnet18", 2), meta)
     start = starting_weights(str(path), "resnet18", 7)
     assert start.classes == ["a", "b"] and start.init == f"checkpoint:{file_sha256(path)}"
-    with pytest.raises(WeightsError, match=r"holds a resnet18 network but pretrain\.arch is"):
+    with pytest.raises(WeightsError, match=r"fit pretrain\.arch: .* resnet18 network, not mobile"):
         starting_weights(str(path), "mobilenet_v3_small", 7)
     with pytest.raises(WeightsError, match="does not exist"):
         starting_weights(str(tmp_path / "nope.pt"), "resnet18", 7)
+
+
+def test_a_backbone_starts_in_its_own_architecture_with_a_new_head(tmp_path: Path) -> None:
+    path = tmp_path / "backbone.pt"
+    meta = CheckpointMeta(
+        "resnet18", ["a", "b"], 16, [0.5] * 3, [0.5] * 3, 1, {}, "imagenet:W", {"weights": {}}
+    )
+    save_checkpoint(path, build_model("resnet18", 2), meta)
+    start = backbone_weights(path, "ignored_when_there_is_a_backbone", 5)
+    assert start.arch == "resnet18" and start.init == f"checkpoint:{file_sha256(path)}"
+    assert start.source == meta  # its own record, which the fine-tuned checkpoint carries on
+    assert start.model.state_dict()["fc.weight"].shape == (5, 512)
+
+
+def test_the_baseline_starts_from_the_random_weights_build_model_draws() -> None:
+    torch.manual_seed(4)
+    expected = build_model("resnet18", 3).state_dict()
+    torch.manual_seed(4)
+    start = backbone_weights(None, "resnet18", 3)
+    assert start.init == "scratch" and start.source is None and start.provenance == {}
+    for name, tensor in start.model.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
 
 
 def test_pretrain_passes_imagenet_weights_through_with_provenance(

@@ -26,6 +26,17 @@ class CheckpointError(GraftError):
 
 @dataclass(frozen=True)
 class CheckpointMeta:
+    """What a checkpoint's weights are: plain data only.
+
+    ``arch`` is the torchvision model name; ``classes`` the output classes in index order;
+    ``image_size`` (pixels, square), ``mean`` and ``std`` (per RGB channel, on 0-1 values) the
+    inputs it expects; ``epoch`` and ``metrics`` the kept epoch and its validation figures
+    (0 and empty for weights passed through untrained). ``init`` says where the starting
+    weights came from: ``scratch``, ``imagenet:<weights>`` or ``checkpoint:<sha256>``;
+    ``extra`` holds their record (``extra["weights"]``: file, URL and sha256 of ImageNet
+    weights, see graft/training/weights.py) and a fine-tuned checkpoint's backbone lineage.
+    """
+
     arch: str
     classes: list[str]
     image_size: int
@@ -33,20 +44,21 @@ class CheckpointMeta:
     std: list[float]
     epoch: int
     metrics: dict[str, float]
-    # Where the starting weights came from: "scratch", "imagenet:<weights>" or
-    # "checkpoint:<sha256>"; extra["weights"] records file, URL and sha256 (tasks/weights.py).
     init: str
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 def save_checkpoint(path: Path, model: nn.Module, meta: CheckpointMeta) -> None:
+    """Write ``model``'s state dict (every tensor moved to the CPU) and ``meta`` to ``path``
+    atomically, as ``{"format", "state_dict", "meta"}``. Raises OSError when it cannot."""
     state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
     with atomic_path(path) as temporary:
         torch.save({"format": FORMAT, "state_dict": state, "meta": asdict(meta)}, temporary)
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], CheckpointMeta]:
-    """Read a checkpoint without unpickling code; raise CheckpointError when it is not ours."""
+    """The state dict (CPU tensors by name) and metadata of the checkpoint at ``path``, read
+    without unpickling code. Raises CheckpointError when it is missing or not ours."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -59,7 +71,12 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], CheckpointMeta
 
 
 def model_from_checkpoint(path: Path) -> tuple[nn.Module, CheckpointMeta]:
-    """Rebuild the network a checkpoint describes and load its weights."""
+    """Rebuild the network the checkpoint at ``path`` describes, load its weights (on the CPU)
+    and return it with its metadata.
+
+    The network is built with random weights first, so it draws from torch's global RNG.
+    Raises CheckpointError when the file is missing, not ours, or its weights do not fit.
+    """
     state, meta = load_checkpoint(path)
     model = build_model(meta.arch, len(meta.classes))
     try:
@@ -71,11 +88,16 @@ def model_from_checkpoint(path: Path) -> tuple[nn.Module, CheckpointMeta]:
     return model, meta
 
 
-def check_fits(meta: CheckpointMeta, path: Path, *, classes: list[str], arch: str) -> None:
-    """Raise CheckpointError when a checkpoint's classes or architecture differ from the run's."""
+def check_fits(
+    meta: CheckpointMeta, path: Path, *, arch: str, classes: list[str] | None = None
+) -> None:
+    """Raise CheckpointError when the checkpoint at ``path`` (described by ``meta``) holds
+    another architecture than ``arch``, or, when ``classes`` is given, other classes or the
+    same classes in another order. The error names the classes missing on each side.
+    """
     if meta.arch != arch:
         raise CheckpointError(f"{path} holds a {meta.arch} network, not {arch}")
-    if meta.classes != classes:
+    if classes is not None and meta.classes != classes:
         missing = sorted(set(classes) - set(meta.classes))
         extra = sorted(set(meta.classes) - set(classes))
         detail = f"not in the checkpoint: {missing}; only in the checkpoint: {extra}"

@@ -1,4 +1,4 @@
-"""Stage ``finetune``: graft the pretrained backbone onto a new head for the target classes.
+"""The ``finetune`` stage's work: graft the pretrained backbone onto a head for the target classes.
 
 Phase 1 freezes the backbone and trains the head, whose last linear layer is replaced for the
 target classes. Phase 2 unfreezes the deepest backbone blocks and trains on at a much lower
@@ -11,6 +11,9 @@ from __future__ import annotations
 import copy
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -19,42 +22,28 @@ from torch import nn
 
 from graft.config.params import Common, Finetune
 from graft.data.loaders import TrainingData, make_loader, training_data
-from graft.hashing import file_sha256
-from graft.training.checkpoints import CheckpointMeta, model_from_checkpoint
-from graft.training.folding import folded
+from graft.training.checkpoints import CheckpointMeta
+from graft.training.determinism import seeded
+from graft.training.device import Speed, resolve_device
+from graft.training.folding import folded, track_weight_decay
 from graft.training.head_inputs import FeatureBatches, cached_views
-from graft.training.loop import (
-    FitOutcome,
-    Speed,
-    TrainedModel,
-    fit,
-    resolve_device,
-    seed_everything,
-)
-from graft.training.models import (
-    build_model,
-    head_module,
-    replace_head,
-    set_trainable,
-    trainable_head,
-)
+from graft.training.history import EpochResult, FitOutcome
+from graft.training.loop import fit
+from graft.training.models import head_module, set_trainable, trainable_head
+from graft.training.trained import TrainedModel, checkpoint_meta
+from graft.training.weights import StartingWeights, backbone_weights
+
+AfterEpoch = Callable[[EpochResult], None]
 
 
-def starting_model(
-    backbone: Path | None, arch: str, num_classes: int
-) -> tuple[nn.Module, str, str, dict[str, object]]:
-    """The network to fine-tune, its architecture, where its weights came from, and their own
-    provenance (the backbone checkpoint's ``init`` and weights record).
+@dataclass(frozen=True)
+class PhaseHooks:
+    """What each phase's :func:`~graft.training.loop.fit` calls back: ``after_epoch`` with
+    every epoch's result, ``on_optimizer`` with its optimizer once built (folding's weight
+    decay tracking)."""
 
-    With ``backbone`` None the same recipe starts from random ``arch`` weights: the baseline
-    that shows what pretraining buys. Otherwise the architecture is the checkpoint's.
-    """
-    if backbone is None:
-        return build_model(arch, num_classes), arch, "scratch", {}
-    model, meta = model_from_checkpoint(backbone)
-    replace_head(model, num_classes)
-    lineage = {"backbone_init": meta.init, **meta.extra}
-    return model, meta.arch, f"checkpoint:{file_sha256(backbone)}", lineage
+    after_epoch: AfterEpoch | None = None
+    on_optimizer: Callable[[torch.optim.Optimizer], None] | None = None
 
 
 def finetune(
@@ -66,52 +55,93 @@ def finetune(
     backbone: Path | None,
     arch: str,
     resume: Path | None = None,
+    after_epoch: AfterEpoch | None = None,
 ) -> TrainedModel:
-    """Two-phase fine-tuning on the target role; ``arch`` is used only when ``backbone`` is None.
+    """Two-phase fine-tuning of the ``backbone`` checkpoint on the target role.
 
-    With ``resume`` (a folder), each phase keeps its per-epoch state there and continues from it.
+    With ``backbone`` None it is the baseline: the same recipe from random ``arch`` weights
+    (``arch`` is used only then; otherwise the architecture is the checkpoint's). With
+    ``resume`` (a folder), each phase keeps its per-epoch state there and continues from it;
+    ``after_epoch`` is called after every epoch of both phases (see
+    :func:`graft.training.loop.fit`). Runs seeded with ``common.seed`` and leaves the
+    caller's RNGs as they were. Returns the network with the best weights of both phases, on
+    the CPU, with its record (``extra``: the backbone's lineage and ``best_phase``) and the wall
+    time of each phase in seconds.
+
+    Raises CheckpointError when the backbone checkpoint is missing or does not fit, GraftError
+    when a target split is empty, and ModelError when the network cannot be frozen by blocks.
     """
-    seed_everything(common.seed)
-    device = resolve_device(common.device)
-    started = time.perf_counter()
-    data: TrainingData = training_data(
-        splits, dataset, "target", common, batch_size=settings.batch_size, augment=settings.augment
-    )
-    decoding = time.perf_counter() - started
-    model, arch, init, lineage = starting_model(backbone, arch, len(data.classes))
-    model.to(device)
-    print(
-        f"finetune {arch} from {init[:24]} on {len(data.train_set)} images "
-        f"({len(data.classes)} classes), validating on {len(data.val_set)}",
-        file=sys.stderr,
-    )
-    started = time.perf_counter()
-    deeper = settings.unfreeze.blocks != 0 and settings.unfreeze.epochs > 0
-    with folded(model, common.image_size):  # VGG below 224 px: same training, less work
-        outcome = train_head(model, data, settings, common, device, resume)
-        head_done = time.perf_counter()
-        if deeper:
-            outcome = train_deeper(model, data, settings, common, device, outcome, resume)
-    finished = time.perf_counter()
-    # Wall time per phase. Phase 1 is charged with decoding too (the textbook loop decodes
-    # every epoch); the last phase with unfolding.
-    seconds = {"head": decoding + (head_done if deeper else finished) - started}
-    if deeper:
-        seconds["unfreeze"] = finished - head_done
+    with seeded(common.seed):
+        device = resolve_device(common.device)
+        started = time.perf_counter()
+        data = training_data(
+            splits,
+            dataset,
+            "target",
+            common,
+            batch_size=settings.batch_size,
+            augment=settings.augment,
+        )
+        decoding = time.perf_counter() - started
+        start = backbone_weights(backbone, arch, len(data.classes))
+        model = start.model
+        model.to(device)
+        print(
+            f"finetune {start.arch} from {start.init[:24]} on {len(data.train_set)} images "
+            f"({len(data.classes)} classes), validating on {len(data.val_set)}",
+            file=sys.stderr,
+        )
+        outcome, seconds = _train_phases(model, data, settings, common, device, resume, after_epoch)
+        # Phase 1 is charged with decoding too: the textbook loop decodes every epoch.
+        seconds["head"] += decoding
+        meta = _finetuned_meta(start, data.classes, common, outcome)
+        return TrainedModel(model.cpu(), meta, outcome, seconds)
+
+
+def _finetuned_meta(
+    start: StartingWeights, classes: list[str], common: Common, outcome: FitOutcome
+) -> CheckpointMeta:
     best = outcome.best
-    assert best is not None
-    meta = CheckpointMeta(
-        arch=arch,
-        classes=data.classes,
-        image_size=common.image_size,
-        mean=list(common.mean),
-        std=list(common.std),
-        epoch=best.epoch,
-        metrics={"val_accuracy": best.val_accuracy, "val_loss": best.val_loss},
-        init=init,
+    assert best is not None  # the head phase runs at least one epoch
+    # A fine-tuned checkpoint carries its backbone's own record of where its weights came from.
+    source = start.source
+    lineage = {"backbone_init": source.init, **source.extra} if source else {}
+    return checkpoint_meta(
+        common,
+        arch=start.arch,
+        classes=classes,
+        init=start.init,
+        best=best,
         extra={**lineage, "best_phase": best.phase},
     )
-    return TrainedModel(model.cpu(), meta, outcome, seconds)
+
+
+def _train_phases(
+    model: nn.Module,
+    data: TrainingData,
+    settings: Finetune,
+    common: Common,
+    device: torch.device,
+    resume: Path | None,
+    after_epoch: AfterEpoch | None,
+) -> tuple[FitOutcome, dict[str, float]]:
+    """Both phases, folded where it applies; the outcome and each phase's wall time."""
+    started = time.perf_counter()
+    deeper = settings.unfreeze.blocks != 0 and settings.unfreeze.epochs > 0
+    # VGG below 224 px: the same training, less work.
+    with folded(model, common.image_size) as applied:
+        on_optimizer = partial(track_weight_decay, model) if applied else None
+        hooks = PhaseHooks(after_epoch, on_optimizer)
+        outcome = train_head(model, data, settings, common, device, resume, hooks)
+        head_done = time.perf_counter()
+        if deeper:
+            outcome = train_deeper(model, data, settings, common, device, outcome, resume, hooks)
+    finished = time.perf_counter()
+    # The last phase is charged with unfolding.
+    seconds = {"head": (head_done if deeper else finished) - started}
+    if deeper:
+        seconds["unfreeze"] = finished - head_done
+    return outcome, seconds
 
 
 def train_head(
@@ -121,11 +151,15 @@ def train_head(
     common: Common,
     device: torch.device,
     resume: Path | None = None,
+    hooks: PhaseHooks = PhaseHooks(),
 ) -> FitOutcome:
     """Phase 1: the backbone frozen, the head trained on head inputs computed once per view.
 
     Equivalent to forwarding the frozen backbone every epoch in eval mode, without the cost.
     Views: 0 is one unaugmented pass; k > 0 is k augmented passes, one drawn per image per epoch.
+    ``model`` is on ``device``; its state after the phase goes to ``resume``/head.pt when
+    ``resume`` (a folder) is given. Returns the phase's outcome, with its best weights left in
+    ``model``. Raises ModelError when the network's forward never reaches its head.
     """
     head = trainable_head(model, settings.head.scope)
     set_trainable(model, 0, head=head)
@@ -150,6 +184,8 @@ def train_head(
         phase="head",
         speed=Speed(common.amp, common.channels_last),
         resume=resume / "head.pt" if resume else None,
+        after_epoch=hooks.after_epoch,
+        on_optimizer=hooks.on_optimizer,
     )
 
 
@@ -161,11 +197,14 @@ def train_deeper(
     device: torch.device,
     head_only: FitOutcome,
     resume: Path | None = None,
+    hooks: PhaseHooks = PhaseHooks(),
 ) -> FitOutcome:
     """Phase 2: the deepest blocks unfrozen at a low learning rate, the head at its own.
 
-    Returns both phases' history and the better best epoch; when no phase 2 epoch beats phase
-    1's best, the model goes back to phase 1's weights.
+    ``head_only`` is phase 1's outcome; the phase's state goes to ``resume``/unfreeze.pt when
+    ``resume`` (a folder) is given. Returns both phases' history and the better best epoch;
+    when no phase 2 epoch beats phase 1's best, the model goes back to phase 1's weights.
+    Raises ModelError when the network cannot be split into blocks.
     """
     head_only_state = copy.deepcopy(model.state_dict())
     phase2 = settings.unfreeze
@@ -185,6 +224,8 @@ def train_deeper(
         first_epoch=len(head_only.history) + 1,
         speed=Speed(common.amp, common.channels_last),
         resume=resume / "unfreeze.pt" if resume else None,
+        after_epoch=hooks.after_epoch,
+        on_optimizer=hooks.on_optimizer,
     )
     outcome = FitOutcome(
         head_only.history + deeper.history, head_only.best, head_only.seconds + deeper.seconds

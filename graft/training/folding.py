@@ -28,16 +28,17 @@ from graft.training.models import ModelError
 
 
 def pool_windows(pool: nn.AdaptiveAvgPool2d, height: int, width: int) -> torch.Tensor:
-    """``pool`` as a matrix on a ``height`` x ``width`` map: row c holds output cell c's weights
-    over the input positions (its averaging window)."""
+    """``pool`` as a matrix on a ``height`` x ``width`` map: float32 ``(cells, height*width)``,
+    row c holding output cell c's weights over the input positions (its averaging window)."""
     # Pool a one-hot map per input position: each output cell's column is its window.
     basis = torch.eye(height * width).reshape(1, height * width, height, width)
     return pool(basis).flatten(2)[0].T.contiguous()  # (cells, positions)
 
 
 def cell_groups(windows: torch.Tensor) -> torch.Tensor:
-    """For each output cell, the index of its group of identical cells (same window), the
-    groups numbered by first appearance."""
+    """For each output cell (row of ``windows``, see :func:`pool_windows`), the index of its
+    group of identical cells (same window), the groups numbered by first appearance: int64
+    ``(cells,)``."""
     _, inverse = torch.unique(windows, dim=0, return_inverse=True)
     # Renumber by first appearance so the numbering does not depend on unique's sort order.
     first_seen: dict[int, int] = {}
@@ -47,9 +48,10 @@ def cell_groups(windows: torch.Tensor) -> torch.Tensor:
 class FoldedPool(nn.Module):
     """The pool computed for one representative cell per group, scaled by the group's size.
 
-    Returns ``(N, C, groups)``, which VGG's forward flattens as it would the 7x7 map. It is a
-    matrix product with the representatives' windows, which is also deterministic on CUDA
-    (the adaptive pool's backward is not).
+    Built from the original ``pool``, the feature map's ``(height, width)``, its windows and
+    cell groups. Maps ``(N, C, height, width)`` to ``(N, C, groups)``, which VGG's forward
+    flattens as it would the 7x7 map. It is a matrix product with the representatives'
+    windows, which is also deterministic on CUDA (the adaptive pool's backward is not).
     """
 
     mixing: torch.Tensor
@@ -73,6 +75,10 @@ class FoldedPool(nn.Module):
         self.register_buffer("mixing", windows[representatives] * sizes[:, None], persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled ``(N, C, groups)`` of a ``(N, C, height, width)`` feature map.
+
+        Raises ModelError for a map of another size than the one folding was done for.
+        """
         if tuple(x.shape[-2:]) != self.map_size:
             raise ModelError(
                 f"the classifier was folded for a {self.map_size} feature map, got "
@@ -84,9 +90,11 @@ class FoldedPool(nn.Module):
 class FoldedLinear(nn.Module):
     """The first classifier layer with one weight column per distinct (channel, cell group).
 
-    ``weight`` is the group mean of the full layer's columns. Each full column is its group's
-    mean plus a fixed offset from it (``residual``, kept off the device and out of the state
-    dict) that AdamW's decoupled weight decay shrinks by ``residual_scale``.
+    Built from the full ``linear`` layer, the cell ``groups`` (see :func:`cell_groups`) and
+    the feature map's ``channels``. ``weight`` is ``(out, channels x groups)``, the group mean
+    of the full layer's columns. Each full column is its group's mean plus a fixed offset from
+    it (``residual``, kept off the device and out of the state dict) that AdamW's decoupled
+    weight decay shrinks by ``residual_scale``.
     """
 
     residual_scale: torch.Tensor
@@ -114,6 +122,7 @@ class FoldedLinear(nn.Module):
         self.weight.register_hook(lambda gradient: gradient / self.column_sizes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, out)`` outputs of the flattened pooled ``(N, channels x groups)`` inputs."""
         return nn.functional.linear(x, self.weight, self.bias)
 
     def decay(self, factor: float) -> None:
@@ -121,7 +130,8 @@ class FoldedLinear(nn.Module):
         self.residual_scale.mul_(factor)
 
     def unfolded(self) -> nn.Linear:
-        """The full layer: every column is its group's mean plus its decayed offset."""
+        """The full ``Linear(channels x cells, out)``: every column is its group's mean plus its
+        decayed offset, on the folded weight's device and dtype, sharing its bias."""
         out_features = self.weight.shape[0]
         mean = self.weight.detach().cpu().reshape(out_features, self.channels, -1)
         full = mean[:, :, self.groups] + float(self.residual_scale) * self.residual
@@ -149,8 +159,9 @@ def fold(model: nn.Module, image_size: int) -> bool:
     """Fold ``model``'s pooled classifier input in place when that saves weights.
 
     Only torchvision's VGG (whose first classifier layer reads the pooled map directly, with
-    no dropout between) is folded, and only when its feature map at ``image_size`` makes the
-    pool repeat cells. Returns whether it folded.
+    no dropout between) is folded, and only when its feature map at ``image_size`` (pixels)
+    makes the pool repeat cells. Runs one probe image through the features (no RNG drawn).
+    Returns whether it folded.
     """
     if not isinstance(model, torchvision.models.VGG):
         return False
@@ -183,7 +194,8 @@ def unfold(model: nn.Module) -> None:
 
 @contextmanager
 def folded(model: nn.Module, image_size: int) -> Iterator[bool]:
-    """Train inside the block with ``model`` folded (when it applies); unfold on the way out."""
+    """Train inside the block with ``model`` folded for ``image_size`` (when it applies, see
+    :func:`fold`); yields whether it folded, and unfolds on the way out, also on errors."""
     applied = fold(model, image_size)
     try:
         yield applied
@@ -193,21 +205,29 @@ def folded(model: nn.Module, image_size: int) -> Iterator[bool]:
 
 
 def track_weight_decay(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Make ``optimizer``'s decoupled weight decay reach the folded layers' fixed offsets."""
+    """Make ``optimizer``'s decoupled weight decay reach ``model``'s folded layers' fixed
+    offsets: after every step, each folded layer the optimizer trains decays them by
+    1 - lr x weight_decay of its group. A no-op when nothing in ``model`` is folded.
+
+    Pass it to :func:`graft.training.loop.fit` as ``on_optimizer`` (bound to the model).
+    """
     folded_layers = {
         id(module.weight): module for module in model.modules() if isinstance(module, FoldedLinear)
     }
     owners = [
-        (group, folded_layers[id(parameter)])
-        for group in optimizer.param_groups
+        (index, folded_layers[id(parameter)])
+        for index, group in enumerate(optimizer.param_groups)
         for parameter in group["params"]
         if id(parameter) in folded_layers
     ]
     if not owners:
         return
 
-    def after_step(_: torch.optim.Optimizer, *__: Any) -> None:
-        for group, layer in owners:
+    def after_step(stepped: torch.optim.Optimizer, *_: Any) -> None:
+        # Groups are looked up at every step: loading a resumed optimizer state replaces the
+        # group dicts, and the schedule then sets the learning rate in the new ones.
+        for index, layer in owners:
+            group = stepped.param_groups[index]
             if group["weight_decay"]:
                 layer.decay(1 - group["lr"] * group["weight_decay"])
 

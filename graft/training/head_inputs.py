@@ -11,15 +11,14 @@ avgpool + flatten, ResNet's avgpool + flatten, ConvNeXt's pooled map, ...).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from graft.training.device import Pairs
 from graft.training.models import ModelError
-
-Pairs = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
 
 class _Captured(Exception):
@@ -29,7 +28,12 @@ class _Captured(Exception):
 def head_inputs(
     model: nn.Module, head: nn.Module, batches: Pairs, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The tensors ``head`` receives for every input of ``batches`` (eval mode), and targets."""
+    """The tensors ``head`` receives for every input of ``batches`` (``model`` in eval mode,
+    on ``device``): ``(N, ...)`` in the head's input shape and dtype (VGG's classifier:
+    ``(N, 25088)``, fewer columns when folded), and the int64 ``(N,)`` targets, on ``device``.
+
+    Raises ModelError when ``model``'s forward never calls ``head``.
+    """
     kept: list[torch.Tensor] = []
 
     def keep(_: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
@@ -56,8 +60,10 @@ def head_inputs(
 class FeatureBatches:
     """Re-iterable batches of cached head inputs: one of the ``views`` per image per epoch.
 
-    ``features`` is ``(views, N, ...)``. Each epoch draws a new order and, for every image, which
-    of its cached augmented views to use, from ``generator`` (so runs are reproducible).
+    ``features`` is ``(views, N, ...)`` and ``targets`` int64 ``(N,)``, on one device; each
+    batch holds ``batch_size`` images (the last one fewer). Each epoch draws a new order and, for
+    every image, which of its cached augmented views to use, from ``generator`` (so runs are
+    reproducible).
     """
 
     features: torch.Tensor
@@ -66,6 +72,7 @@ class FeatureBatches:
     generator: torch.Generator | None = None  # None: in order, view 0 (validation)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One epoch of ``(batch_size, ...)`` head inputs and their ``(batch_size,)`` targets."""
         views, count = self.features.shape[:2]
         if self.generator is None:
             order = torch.arange(count)
@@ -80,12 +87,17 @@ class FeatureBatches:
             yield self.features[picked], self.targets[chosen.to(device)]
 
     def __len__(self) -> int:
+        """Batches per epoch."""
         return -(-self.features.shape[1] // self.batch_size)
 
 
 def cached_views(
     model: nn.Module, head: nn.Module, view_batches: Sequence[Pairs], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Head inputs for each pass over the data, stacked as ``(views, N, ...)``, and targets."""
+    """Head inputs for each pass over the data (one per view, in the same image order), stacked
+    as ``(views, N, ...)``, and the first pass's int64 ``(N,)`` targets, on ``device``.
+
+    Raises ModelError as :func:`head_inputs` does.
+    """
     passes = [head_inputs(model, head, batches, device) for batches in view_batches]
     return torch.stack([features for features, _ in passes]), passes[0][1]

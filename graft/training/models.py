@@ -21,10 +21,13 @@ class ModelError(GraftError):
 
 
 def available_architectures() -> list[str]:
+    """Every torchvision classification model name (``resnet18``, ``vgg16``, ...), sorted."""
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
 def check_arch(arch: str) -> None:
+    """Raise ValueError, suggesting similar names, when ``arch`` is not a torchvision
+    classification model."""
     known = available_architectures()
     if arch not in known:
         hint = ", ".join(name for name in known if name.startswith(arch[:3])) or ", ".join(
@@ -34,7 +37,11 @@ def check_arch(arch: str) -> None:
 
 
 def build_model(arch: str, num_classes: int) -> nn.Module:
-    """A randomly initialised torchvision classifier with ``num_classes`` outputs."""
+    """A randomly initialised torchvision classifier with ``num_classes`` outputs, on the CPU.
+
+    Its initialisation draws from torch's global RNG. Raises ValueError for an unknown
+    ``arch`` and ModelError for a network without a final linear layer (no head to replace).
+    """
     check_arch(arch)
     model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
     last_linear_name(model)  # fail now, not mid-training, for heads that are not linear
@@ -42,7 +49,10 @@ def build_model(arch: str, num_classes: int) -> nn.Module:
 
 
 def last_linear_name(model: nn.Module) -> str:
-    """Dotted name of the network's final linear layer (``classifier.6``, ``fc``, ...)."""
+    """Dotted name of the network's final linear layer (``classifier.6``, ``fc``, ...).
+
+    Raises ModelError when the network has no linear layer.
+    """
     names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     if not names:
         raise ModelError(f"{type(model).__name__} has no linear output layer to replace")
@@ -50,7 +60,8 @@ def last_linear_name(model: nn.Module) -> str:
 
 
 def replace_head(model: nn.Module, num_classes: int) -> None:
-    """Swap the final linear layer for a freshly initialised one with ``num_classes`` outputs."""
+    """Swap the final linear layer, in place, for a freshly initialised one (drawn from torch's
+    global RNG, on the CPU) with ``num_classes`` outputs. Raises ModelError without one."""
     name = last_linear_name(model)
     parent_name, _, child_name = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -60,7 +71,10 @@ def replace_head(model: nn.Module, num_classes: int) -> None:
 
 
 def head_module(model: nn.Module) -> nn.Module:
-    """The top-level child that holds the final linear layer: trained in every phase."""
+    """The top-level child that holds the final linear layer: trained in every phase.
+
+    Raises ModelError when the network has no linear layer.
+    """
     return model.get_submodule(last_linear_name(model).split(".")[0])
 
 
@@ -68,14 +82,19 @@ HeadScope = Literal["top_module", "last_layer"]
 
 
 def trainable_head(model: nn.Module, scope: HeadScope) -> nn.Module:
-    """What phase 1 trains: the whole top-level head module, or only its new last linear layer."""
+    """What phase 1 trains: the whole top-level head module (``top_module``), or only its new
+    last linear layer (``last_layer``). Raises ModelError when the network has no linear layer.
+    """
     if scope == "last_layer":
         return model.get_submodule(last_linear_name(model))
     return head_module(model)
 
 
 def backbone_blocks(model: nn.Module) -> list[nn.Module]:
-    """The backbone as ordered blocks, shallowest first."""
+    """The backbone as ordered blocks, shallowest first.
+
+    Raises ModelError for a family whose backbone cannot be split into blocks.
+    """
     features = getattr(model, "features", None)
     if isinstance(features, nn.Sequential):
         layers = list(features.children())
@@ -113,7 +132,8 @@ def set_trainable(
     """Freeze all but ``head`` and the deepest ``unfrozen_blocks``; return the unfrozen params.
 
     ``head`` defaults to the top-level head module. ``"all"`` (or more blocks than there are)
-    unfreezes the whole network.
+    unfreezes the whole network. Raises ModelError when blocks are asked for and the network
+    cannot be split into them.
     """
     head = head if head is not None else head_module(model)
     for parameter in model.parameters():

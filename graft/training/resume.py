@@ -39,5 +39,8 @@ def resume_folder(root: Path, settings: ResumeKey, inputs: list[Path]) -> Path:
 
 
 def clear(root: Path) -> None:
-    """Forget every saved state of the stage: it finished."""
+    """Forget every saved state of the stage (the folder ``root`` and all in it): it finished.
+
+    A missing folder is fine; errors while deleting are ignored.
+    """
     shutil.rmtree(root, ignore_errors=True)

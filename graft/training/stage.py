@@ -15,14 +15,17 @@ from pathlib import Path
 from graft import atomic
 from graft.config.params import TrainPaths
 from graft.training.checkpoints import save_checkpoint
-from graft.training.loop import TrainedModel, history_table
+from graft.training.history import history_table
 from graft.training.resume import ResumeKey, clear, resume_folder
+from graft.training.trained import TrainedModel
 
 
 def write_outputs(out: TrainPaths, trained: TrainedModel) -> None:
-    """Write the stage's checkpoint, history table and metrics, each atomically.
+    """Write ``trained``'s checkpoint, history table and metrics to ``out``'s paths, each
+    atomically.
 
-    Metrics are the best epoch's validation figures plus ``best_epoch``.
+    Metrics are the best epoch's validation figures plus ``best_epoch``. Raises OSError when a
+    file cannot be written.
     """
     save_checkpoint(out.checkpoint, trained.model, trained.meta)
     atomic.write_csv(out.history, history_table(trained.outcome.history))
@@ -38,9 +41,11 @@ def run_training_stage(
 ) -> TrainedModel:
     """Train with resume state keyed by ``key`` and ``inputs``, write the outputs, clean up.
 
+    ``stage`` names the stage in the log; ``inputs`` are the files its result depends on.
     ``train`` receives the resume folder (None when ``out.resume`` is unset) and returns the
-    trained model. The resume folder is deleted only after every output is written, so a run
-    killed at any point before that resumes from its last finished epoch.
+    trained model, which is returned too. The resume folder is deleted only after every output
+    is written, so a run killed at any point before that resumes from its last finished epoch.
+    Raises what ``train`` raises, and OSError when an input cannot be read or an output written.
     """
     started = time.perf_counter()
     resume = resume_folder(out.resume, key, inputs) if out.resume else None
