@@ -22,13 +22,19 @@ REJECTED_ROWS = 500  # the UI table stays readable; the full list is in the CSV 
 
 @dataclass(frozen=True)
 class StageRow:
+    """One row of the run's stage table: the stage, "ran" or "cached", and its seconds."""
+
     stage: str
     status: str  # "ran" or "cached"
     seconds: float
 
 
 def publish_run_artifacts(root: Path, params: Params, stages: list[StageRow]) -> None:
-    """Create this run's artifacts from the stage table and the reports on disk."""
+    """Create this run's artifacts in Prefect: the ``stages`` table, the ingest summary and
+    rejected files, the per-class test metrics and the summary with the model card, from the
+    reports under the project ``root`` that ``params``' paths name (a report not written yet is
+    left out). Must run inside a flow or task run. Raises OSError and ValueError for a report
+    that exists but cannot be read or parsed."""
     create_table_artifact(
         key="graft-stages",
         table=[

@@ -21,7 +21,9 @@ def local_prefect_server(
 
     Yields the API URL and the environment for every process that should talk to it: ``env``
     (default: :func:`env_with_this_python`) plus PREFECT_HOME, the database and the API URL.
-    The server is stopped on exit; its output is in ``home / "server.log"``.
+    The server is stopped on exit; its output is in ``home / "server.log"``. Raises
+    RuntimeError, with that log, when the server exits or is not healthy within ``timeout_s``
+    seconds.
     """
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

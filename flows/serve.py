@@ -8,8 +8,6 @@ The workspace is the project root it was started for.
 
 from __future__ import annotations
 
-import signal
-import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -54,7 +52,14 @@ def _concurrency(spec: int | dict[str, Any] | None) -> ConcurrencyLimitConfig | 
 
 
 def deployments_for(root: Path) -> list[RunnerDeployment]:
-    """prefect.yaml's deployments of the pipeline, as served deployments working in ``root``."""
+    """prefect.yaml's deployments of the pipeline, as deployments to serve for the project ``root``.
+
+    Reads ``root/prefect.yaml``: each deployment keeps its name, description, tags, schedules,
+    parameters and concurrency limit, with the ``root`` parameter set to the project. Returns
+    them in the file's order. Raises DeploymentSpecError when a deployment is not of
+    flows/pipeline.py:pipeline, a schedule is not exactly one of cron, interval (seconds) or
+    rrule, or there is none; OSError and yaml.YAMLError when the file cannot be read.
+    """
     config_path = root / "prefect.yaml"
     config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
     served: list[RunnerDeployment] = []
@@ -86,12 +91,16 @@ def deployments_for(root: Path) -> list[RunnerDeployment]:
 
 
 def serve_deployments(root: Path) -> None:
-    """Serve until stopped; one flow run at a time on this machine."""
+    """Serve prefect.yaml's deployments for the project ``root`` until stopped.
+
+    Registers them with the Prefect server at PREFECT_API_URL and runs their flow runs in this
+    process, one at a time; on the way out, however it stops, pauses their schedules. Returns
+    after Ctrl-C; a SIGTERM ends it with SystemExit(0) from Prefect's handler, which Prefect
+    installs only once the deployments are announced: an entry point that wants an earlier
+    SIGTERM to exit cleanly too must turn it into SystemExit itself (`graft serve` does).
+    Raises DeploymentSpecError for a deployment it cannot serve (see :func:`deployments_for`).
+    """
     deployments = deployments_for(root)
-    # Prefect's runner exits cleanly on SIGTERM, but only installs its handler after it has
-    # registered the deployments and announced them. Until then SIGTERM would kill this process
-    # outright and skip the pause below, leaving schedules active with nothing serving them.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         serve(*deployments, limit=1)
     finally:
@@ -101,7 +110,12 @@ def serve_deployments(root: Path) -> None:
 
 
 def pause_schedules(flow_name: str, names: list[str]) -> None:
-    """Deactivate every schedule of the named deployments of ``flow_name``."""
+    """Deactivate every schedule of the deployments ``names`` of the flow ``flow_name``.
+
+    Talks to the Prefect server at PREFECT_API_URL; a deployment the server does not know is
+    skipped. Returns nothing. Raises Prefect's and httpx's errors when the server cannot be
+    reached or refuses the update.
+    """
     with get_client(sync_client=True) as client:
         for name in names:
             try:

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 from graft.processes import env_with_this_python
+
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "data" / "demo"
@@ -83,3 +87,27 @@ def make_dvc_project(repo: Path, sources: Path, with_flows: bool = False) -> Pat
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-q", "-m", "pipeline"], repo)
     return repo
+
+
+def poll_until(
+    probe: Callable[[], T],
+    done: Callable[[T], bool],
+    waiting_for: str,
+    timeout_s: float,
+    interval_s: float = 0.5,
+    describe: Callable[[T], str] = str,
+) -> T:
+    """Call ``probe`` every ``interval_s`` seconds until ``done`` holds for what it returns,
+    and return that. Raises AssertionError naming ``waiting_for`` and what ``probe`` last
+    returned (as ``describe`` puts it) when ``timeout_s`` seconds pass first, and whatever
+    ``probe`` raises."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        seen = probe()
+        if done(seen):
+            return seen
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"waited {timeout_s:g}s for {waiting_for}; last seen: {describe(seen)}"
+            )
+        time.sleep(interval_s)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -20,7 +19,7 @@ from typing import Any
 from uuid import UUID
 
 import pytest
-from helpers import DEMO, copy_demo_subset, make_dvc_project, run, tool_env
+from helpers import DEMO, copy_demo_subset, make_dvc_project, poll_until, run, tool_env
 from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.filters import (
     ArtifactFilter,
@@ -81,15 +80,14 @@ class Project:
             return run_.id
 
     def wait(self, flow_run_id: UUID, timeout_s: float = RUN_TIMEOUT_S) -> FlowRun:
-        deadline = time.monotonic() + timeout_s
         with self.server.client() as client:
-            while True:
-                flow_run = client.read_flow_run(flow_run_id)
-                if flow_run.state is not None and flow_run.state.is_final():
-                    return flow_run
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"flow run still {flow_run.state} after {timeout_s}s")
-                time.sleep(1)
+            return poll_until(
+                lambda: client.read_flow_run(flow_run_id),
+                lambda run_: run_.state is not None and run_.state.is_final(),
+                f"flow run {flow_run_id} to finish",
+                timeout_s,
+                describe=lambda run_: f"state {run_.state}",
+            )
 
     def stages(self, flow_run_id: UUID) -> dict[str, str]:
         """The run's stage table artifact, as the UI shows it: stage -> ran | cached."""
@@ -106,18 +104,19 @@ class Project:
         return {row["stage"]: row["status"] for row in rows}
 
     def logs(self, flow_run_id: UUID, waiting_for: str = "") -> str:
-        """The run's log; logs reach the server in batches, so wait for ``waiting_for``."""
-        deadline = time.monotonic() + 30
+        """The run's log; logs reach the server in batches, so wait up to 30 s for
+        ``waiting_for`` to be in it (an AssertionError showing the log if it never is)."""
         with self.server.client() as client:
-            while True:
+
+            def read() -> str:
                 found = client.read_logs(
                     log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
                     limit=200,
                 )
-                text = "\n".join(log.message for log in found)
-                if waiting_for in text or time.monotonic() > deadline:
-                    return text
-                time.sleep(1)
+                return "\n".join(log.message for log in found)
+
+            in_log = f"{waiting_for!r} in the run's log"
+            return poll_until(read, lambda text: waiting_for in text, in_log, timeout_s=30)
 
     def all_stages(self) -> set[str]:
         """Every stage of dvc.yaml, as the dvc command lists them."""
@@ -231,16 +230,14 @@ def test_a_schedule_picks_up_new_images(project: Project) -> None:
 
 
 def _first_scheduled_run(client: SyncPrefectClient, deployment_id: UUID) -> FlowRun:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+    def scheduled() -> list[FlowRun]:
         runs = client.read_flow_runs(
             deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
         )
-        auto = [r for r in runs if r.auto_scheduled and r.expected_start_time is not None]
-        if auto:
-            return min(auto, key=lambda r: str(r.expected_start_time))  # ISO times sort
-        time.sleep(1)
-    raise AssertionError("the scheduler created no run in 60s")
+        return [r for r in runs if r.auto_scheduled and r.expected_start_time is not None]
+
+    auto = poll_until(scheduled, bool, "the scheduler to create a run", 60)
+    return min(auto, key=lambda r: str(r.expected_start_time))  # ISO times sort
 
 
 def test_a_failing_stage_fails_the_run_and_stops_downstream(project: Project) -> None:
@@ -297,11 +294,19 @@ def _serve(project: Project, log: Path) -> subprocess.Popen[bytes]:
     """`graft serve` for the project, once it reports its deployments served."""
     command = ["graft", "serve", "--root", str(project.repo)]
     serve = start_in_own_session(command, project.server.env, log, cwd=project.repo)
-    deadline = time.monotonic() + 120
-    while "being served" not in log.read_text():
-        assert serve.poll() is None, log.read_text()
-        assert time.monotonic() < deadline, log.read_text()
-        time.sleep(0.1)
+
+    def serve_log() -> str:
+        text = log.read_text()
+        assert "being served" in text or serve.poll() is None, f"graft serve exited:\n{text}"
+        return text
+
+    poll_until(
+        serve_log,
+        lambda text: "being served" in text,
+        "graft serve to announce its deployments",
+        timeout_s=120,
+        interval_s=0.1,  # often: a caller may stop it at once, while the runner is starting
+    )
     assert _nightly_schedule_active(project)
     return serve
 

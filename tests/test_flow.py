@@ -5,19 +5,18 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from uuid import UUID
 
 import pytest
 from helpers import run
+from prefect import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.testing.utilities import prefect_test_harness
 
-from flows.pipeline import (
-    StageFailed,
-    StageResult,
-    WorkspaceBusy,
-    pipeline,
-    stage_order,
-    workspace_lock,
-)
+from flows import stages
+from flows.pipeline import pipeline
+from flows.stages import DvcLocked, StageFailed, StageResult, stage_order
+from flows.workspace import WorkspaceBusy, workspace_lock
 
 pytestmark = pytest.mark.slow
 
@@ -42,10 +41,13 @@ def dvc_dag(repo: Path, *targets: str) -> tuple[set[str], set[tuple[str, str]]]:
 
 def test_stage_order_comes_from_dvc(dvc_project: Path) -> None:
     for targets in ([], ["split"], ["evaluate"]):
-        stages, edges = dvc_dag(dvc_project, *targets)
+        names, edges = dvc_dag(dvc_project, *targets)
         order = stage_order(dvc_project, targets or None)
-        assert sorted(order) == sorted(stages)  # each stage once; with targets, their upstream
-        assert all(order.index(a) < order.index(b) for a, b in edges)  # upstream first
+        assert sorted(order) == sorted(names)  # each stage once; with targets, their upstream
+        assert len(edges) >= len(names) - 1  # the dot output was parsed: a connected graph
+        for upstream, downstream in edges:  # every stage after all of its dependencies
+            assert order.index(upstream) < order.index(downstream), (upstream, downstream)
+    assert "register" not in stage_order(dvc_project, ["evaluate"])  # downstream left out
     assert stage_order(dvc_project, ["split"]) == ["ingest", "split"]
     with pytest.raises(ValueError, match=r"no such stage in dvc\.yaml: trian"):
         stage_order(dvc_project, ["trian"])
@@ -57,6 +59,8 @@ def test_flow_and_dvc_repro_share_one_cache(dvc_project: Path, tmp_path: Path) -
     every_stage = stage_order(repo)
     first = pipeline(root=str(repo), push=True)
     assert [r.stage for r in first] == every_stage and ran(first) == every_stage
+    dry_run = run(["dvc", "repro", "--dry", "--force"], repo).stdout  # outputs exist now
+    assert every_stage == re.findall(r"Running stage '([\w-]+)'", dry_run)  # `dvc repro`'s order
     assert "in sync" in run(["dvc", "status", "--cloud"], repo).stdout  # pushed
     assert "up to date" in run(["dvc", "status"], repo).stdout
     assert "Running stage" not in run(["dvc", "repro"], repo).stdout  # by hand: nothing to do
@@ -110,3 +114,65 @@ def test_a_second_run_in_the_same_workspace_is_refused(dvc_project: Path) -> Non
     with workspace_lock(repo, wait_s=0), pytest.raises(WorkspaceBusy, match=busy):
         pipeline(root=str(repo), wait_for_workspace_s=1)
     assert not (repo / "data").exists()  # refused before any stage ran
+
+
+def _task_run_states(flow_run_id: UUID) -> dict[str, list[str | None]]:
+    """Each task run of the flow run (by task run name) and the names of its states, in order."""
+    with get_client(sync_client=True) as client:
+        task_runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+        return {t.name: [s.name for s in client.read_task_run_states(t.id)] for t in task_runs}
+
+
+def test_a_stage_is_retried_while_another_dvc_command_holds_the_lock(
+    dvc_project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    attempts: list[str] = []
+    real_repro = stages._repro
+
+    def locked_once(root: Path, stage: str, force: bool, timeout_s: float) -> tuple[int, list[str]]:
+        attempts.append(stage)
+        if attempts == ["ingest"]:  # what dvc prints when another dvc command holds the repo
+            return 1, ["ERROR: Unable to acquire lock. Most likely another DVC process is running"]
+        return real_repro(root, stage, force, timeout_s)
+
+    monkeypatch.setattr(stages, "_repro", locked_once)
+    state = pipeline(root=str(dvc_project), stages=["split"], return_state=True)
+    results = state.result()
+    assert attempts == ["ingest", "ingest", "split"]  # a retry runs `dvc repro` again
+    assert ran(results) == ["ingest", "split"]
+    assert results[0].seconds >= 1  # the wait before the first retry counts
+    flow_run_id = state.state_details.flow_run_id
+    assert flow_run_id is not None
+    retried = [names for name, names in _task_run_states(flow_run_id).items() if "ingest" in name]
+    assert len(retried) == 1 and {"AwaitingRetry", "Retrying"} <= set(retried[0])  # in the UI
+
+
+def test_other_failures_are_not_retried_and_lock_retries_run_out(
+    dvc_project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _set_param(dvc_project, "lock_retries: 5", "lock_retries: 1")
+    attempts: list[str] = []
+
+    def failing(root: Path, stage: str, force: bool, timeout_s: float) -> tuple[int, list[str]]:
+        attempts.append(stage)
+        return 1, ["the stage itself exploded"]
+
+    monkeypatch.setattr(stages, "_repro", failing)
+    with pytest.raises(StageFailed, match="the stage itself exploded") as failure:
+        pipeline(root=str(dvc_project))
+    assert not isinstance(failure.value, DvcLocked) and attempts == ["ingest"]
+
+    attempts.clear()
+
+    def always_locked(
+        root: Path, stage: str, force: bool, timeout_s: float
+    ) -> tuple[int, list[str]]:
+        attempts.append(stage)
+        return 1, ["ERROR: Unable to acquire lock"]
+
+    monkeypatch.setattr(stages, "_repro", always_locked)
+    with pytest.raises(DvcLocked, match=r"stage 'ingest' failed \(exit 1\)"):
+        pipeline(root=str(dvc_project))
+    assert attempts == ["ingest", "ingest"]  # the first attempt and its one retry

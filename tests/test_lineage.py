@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
-from helpers import DEMO, ROOT, copy_demo_subset, run, tiny_params
+from helpers import DEMO, copy_demo_subset, make_dvc_project, run
 
 from graft.hashing import file_sha256
 from graft.registry.publish import production_failures
@@ -59,19 +59,13 @@ def _facts(repo: Path) -> dict[str, Any]:
 def scenario(tmp_path_factory: pytest.TempPathFactory) -> Scenario:
     base = tmp_path_factory.mktemp("lineage")
     sources = copy_demo_subset(base / "sources", per_class=10)
-    repo = base / "repo"
-    repo.mkdir()
-    shutil.copytree(ROOT / "tasks", repo / "tasks", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", ".gitignore"):
-        shutil.copy2(ROOT / name, repo / name)
-    params = tiny_params(sources)
+    repo = make_dvc_project(base / "repo", sources)  # the stages and the library they import
+    params = yaml.safe_load((repo / "params.yaml").read_text())
     params["pretrain"]["epochs"] = 1
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(["git", "init", "-q", "-b", "main"], repo)
-    run(["dvc", "init", "-q"], repo)
     run(["dvc", "remote", "add", "-d", "store", str(base / "remote")], repo)
     run(["git", "add", "-A"], repo)
-    run(["git", "commit", "-q", "-m", "pipeline"], repo)
+    run(["git", "commit", "-q", "-m", "one pretrain epoch; a DVC remote"], repo)
 
     run(["dvc", "repro"], repo)
     graft(repo, "publish")

@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -16,8 +19,11 @@ from graft.errors import GraftError, run_main
 
 
 def _check(arguments: argparse.Namespace) -> None:
-    load_params(arguments.params)
-    print(f"{arguments.params}: all settings valid")
+    from graft.config.checks import check_machine  # torchvision only when asked for
+
+    params = load_params(arguments.params)
+    check_machine(params, arguments.params.parent, origin=str(arguments.params))
+    print(f"{arguments.params}: all settings valid; source folders and architecture found")
 
 
 def _demo(arguments: argparse.Namespace) -> None:
@@ -28,10 +34,12 @@ def _demo(arguments: argparse.Namespace) -> None:
 
 
 def _verify(arguments: argparse.Namespace) -> None:
+    from graft.data.decoding import set_pixel_limit
     from graft.data.verify import CheckSettings, verify_folder
 
     if not arguments.folder.is_dir():
         raise GraftError(f"{arguments.folder} is not a folder")
+    set_pixel_limit(arguments.max_pixels)  # Pillow's guard at the same limit, as ingest sets it
     settings = CheckSettings(min_side=arguments.min_side, max_pixels=arguments.max_pixels)
     report = verify_folder(arguments.folder, settings, workers=arguments.workers)
     if arguments.json:
@@ -56,6 +64,8 @@ def use_project_code(root: Path) -> None:
 
     The Prefect flow lives in the project (``flows/``), not in the installed library, so a user
     can change it without reinstalling; ``graft run`` and ``graft serve`` find it under ``root``.
+    Puts ``root`` first on ``sys.path`` and on ``PYTHONPATH`` (for child processes). Returns
+    nothing; raises nothing.
     """
     project = str(root.resolve())
     if project not in sys.path:
@@ -66,7 +76,8 @@ def use_project_code(root: Path) -> None:
 
 def _run(arguments: argparse.Namespace) -> None:
     use_project_code(arguments.root)
-    from flows.pipeline import StageFailed, pipeline  # Prefect only when asked for
+    from flows.pipeline import pipeline  # Prefect only when asked for
+    from flows.stages import StageFailed
 
     try:
         results = pipeline(
@@ -84,6 +95,30 @@ def _run(arguments: argparse.Namespace) -> None:
         print(f"{result.stage}: {state} ({result.seconds:.1f}s)")
 
 
+def exit_cleanly_on_sigterm(redeliver_after_s: float = 0.05) -> None:
+    """From now on, SIGTERM raises SystemExit(0) in the main thread, so that ``finally`` blocks
+    run, until another handler replaces this one.
+
+    Python runs a signal handler between any two bytecodes of the main thread, inside an
+    object's finalizer (``__del__``) too, where it reports the SystemExit as unraisable and
+    drops it: the process would go on as if never signalled. A dropped SystemExit is therefore
+    sent again as SIGTERM ``redeliver_after_s`` seconds later, from another thread, by when the
+    main thread has left the finalizer. Replaces ``sys.unraisablehook`` with one that does this
+    and then calls the previous hook. Returns nothing; raises nothing.
+    """
+    report = sys.unraisablehook
+
+    def redeliver_if_dropped(unraisable: sys.UnraisableHookArgs) -> None:
+        if isinstance(unraisable.exc_value, SystemExit):
+            redelivery = threading.Timer(redeliver_after_s, os.kill, (os.getpid(), signal.SIGTERM))
+            redelivery.daemon = True  # never what keeps the process alive
+            redelivery.start()
+        report(unraisable)
+
+    sys.unraisablehook = redeliver_if_dropped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+
+
 def _serve(arguments: argparse.Namespace) -> None:
     from prefect.settings import PREFECT_API_URL  # Prefect only when asked for
 
@@ -96,35 +131,39 @@ def _serve(arguments: argparse.Namespace) -> None:
             "its runs when stopped; start `prefect server start` and set PREFECT_API_URL",
             file=sys.stderr,
         )
+    # Prefect's runner exits cleanly on SIGTERM, but only installs its handler after it has
+    # registered the deployments and announced them. Until then SIGTERM would kill this process
+    # outright and skip serve_deployments' pause of the schedules, leaving them active with
+    # nothing serving them. As SystemExit(0) it unwinds through that pause instead.
+    exit_cleanly_on_sigterm()
     try:
         serve_deployments(arguments.root)
     except DeploymentSpecError as error:
         raise GraftError(str(error)) from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="graft", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+_Subcommands = argparse._SubParsersAction  # what add_subparsers returns
 
-    check = commands.add_parser("check", help="validate params.yaml without running anything")
-    check.add_argument("--params", type=Path, default=DEFAULT_PARAMS)
-    check.set_defaults(handler=_check)
 
-    verify = commands.add_parser(
-        "verify",
-        help="verify every image of a folder in ImageFolder layout (<folder>/<class>/<image>)",
-        description="One line per file (tab-separated, or --json); a summary on stderr. "
-        "Reads only: nothing in the folder is changed.",
-    )
-    verify.add_argument("folder", type=Path)
-    verify.add_argument("--json", action="store_true", help="print a JSON list of records")
-    verify.add_argument("--min-side", type=int, default=DEFAULT_MIN_SIDE)
-    verify.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
-    verify.add_argument("--workers", type=int, default=0, help="threads (0: one per core)")
-    verify.set_defaults(handler=_verify)
+def _command(
+    commands: _Subcommands[argparse.ArgumentParser],
+    name: str,
+    handler: Callable[[argparse.Namespace], None],
+    help: str,
+    description: str | None = None,
+) -> argparse.ArgumentParser:
+    """Add ``graft <name>``, run by ``handler`` with the parsed arguments; return its parser."""
+    parser = commands.add_parser(name, help=help, description=description)
+    parser.set_defaults(handler=handler)
+    return parser
 
-    run = commands.add_parser(
+
+def _add_flow_commands(commands: _Subcommands[argparse.ArgumentParser]) -> None:
+    """Add ``run`` and ``serve``: the pipeline as a Prefect flow, run now or on schedules."""
+    run = _command(
+        commands,
         "run",
+        _run,
         help="run the pipeline as a Prefect flow (one task per DVC stage)",
         description="Uses the Prefect server at PREFECT_API_URL when set, otherwise a "
         "temporary local one. DVC decides what is stale, exactly as for `dvc repro`.",
@@ -137,10 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--bump", choices=["patch", "minor", "major"], default="patch")
     run.add_argument("--stage", help="with --publish: assign this stage (e.g. dev, prod)")
-    run.set_defaults(handler=_run)
 
-    serve = commands.add_parser(
+    serve = _command(
+        commands,
         "serve",
+        _serve,
         help="serve prefect.yaml's deployments from this machine (no work pool or worker)",
         description="Registers the deployments of prefect.yaml (schedules, parameters, "
         "concurrency limits) with the Prefect server at PREFECT_API_URL and runs their flow "
@@ -148,17 +188,51 @@ def build_parser() -> argparse.ArgumentParser:
         "way out and restored by the next `graft serve`.",
     )
     serve.add_argument("--root", type=Path, default=Path("."), help="project root")
-    serve.set_defaults(handler=_serve)
 
-    demo = commands.add_parser("demo", help="(re)write the built-in digits demo images")
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``graft`` command's argument parser, every subcommand included.
+
+    Parsed arguments carry ``handler``, the function that runs the chosen subcommand with
+    them. Raises nothing; parsing bad arguments exits with status 2, as argparse does.
+    """
+    parser = argparse.ArgumentParser(prog="graft", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    check = _command(
+        commands, "check", _check, help="validate params.yaml without running anything"
+    )
+    check.add_argument("--params", type=Path, default=DEFAULT_PARAMS)
+
+    verify = _command(
+        commands,
+        "verify",
+        _verify,
+        help="verify every image of a folder in ImageFolder layout (<folder>/<class>/<image>)",
+        description="One line per file (tab-separated, or --json); a summary on stderr. "
+        "Reads only: nothing in the folder is changed.",
+    )
+    verify.add_argument("folder", type=Path)
+    verify.add_argument("--json", action="store_true", help="print a JSON list of records")
+    verify.add_argument("--min-side", type=int, default=DEFAULT_MIN_SIDE)
+    verify.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    verify.add_argument("--workers", type=int, default=0, help="threads (0: one per core)")
+
+    _add_flow_commands(commands)  # run, serve
+
+    demo = _command(commands, "demo", _demo, help="(re)write the built-in digits demo images")
     demo.add_argument("--out", type=Path, default=Path("data/demo"))
-    demo.set_defaults(handler=_demo)
 
     add_registry_commands(commands)  # publish, lineage
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run ``graft`` with ``argv`` (default: the process's arguments) and return when done.
+
+    Exits with status 1 and the message on stderr for a GraftError (an expected failure), 2
+    for bad arguments, and 1 quietly when the output pipe closes early (``graft ... | head``).
+    """
     arguments = build_parser().parse_args(argv)
     try:
         run_main(lambda: arguments.handler(arguments))

@@ -154,7 +154,9 @@ def _diff(arguments: argparse.Namespace) -> None:
 
 
 def add_commands(commands: Any) -> None:
-    """Add ``publish`` and ``lineage`` to the ``graft`` command's subparsers."""
+    """Add ``publish`` and ``lineage`` (show, which-models, diff) to ``commands``, the
+    ``graft`` parser's subparsers; each parsed command carries its ``handler``. Raises
+    argparse.ArgumentError when a command of the same name is already there."""
     publish = commands.add_parser(
         "publish",
         help="publish the registered model as a new version (git tag in GTO's format)",

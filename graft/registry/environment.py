@@ -16,10 +16,13 @@ def _version(package: str) -> str | None:
 
 
 def environment(device_setting: str, seed: int) -> dict[str, Any]:
-    """Versions, accelerator and the device ``common.device`` resolves to on this machine."""
+    """The environment of this process, for a publish record: Python, platform, the versions
+    of the packages that shape a result, CUDA, cuDNN and the GPU (None without CUDA), the
+    device that ``device_setting`` (params' ``common.device``) resolves to here, and ``seed``.
+    Returns a JSON-ready dict. Raises RuntimeError when torch cannot parse ``device_setting``."""
     import torch  # heavy: only when a record is made
 
-    from graft.training.loop import resolve_device
+    from graft.training.device import resolve_device
 
     cuda = torch.cuda.is_available()
     return {

@@ -12,8 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from graft.config.params import load_params
 from graft.errors import GraftError
 from graft.hashing import file_sha256
 from graft.registry.lineage_index import refresh, split_table, table_keys, versions_with_weights
@@ -27,7 +26,14 @@ from graft.registry.revisions import (
     resolve_commit,
     stage_writing,
 )
-from graft.registry.versions import STAGE_REF, VERSION_REF, Version, list_versions, publish_record
+from graft.registry.versions import (
+    STAGE_REF,
+    VERSION_REF,
+    Version,
+    list_versions,
+    publish_record,
+    version_in_stage,
+)
 
 
 class LineageError(GraftError):
@@ -36,7 +42,8 @@ class LineageError(GraftError):
 
 @dataclass(frozen=True)
 class Target:
-    """A resolved reference: the commit to read, and the version published there (if any)."""
+    """A resolved reference: ``ref`` as given, the ``commit`` to read, and the ``version``
+    published at that commit (None when it is not a published version)."""
 
     ref: str
     commit: str
@@ -44,28 +51,27 @@ class Target:
 
 
 def index_path(root: Path) -> Path:
-    """Where the lineage index lives: ``paths.register.lineage_index`` in params.yaml."""
-    from graft.config.params import Paths  # the paths section only: sources need not exist here
-
-    raw = yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8"))
-    return root / Paths.model_validate(raw["paths"]).registry.lineage_index
+    """Where the lineage index of the project ``root`` lives: ``root`` joined with params.yaml's
+    ``paths.register.lineage_index``. Raises ParamsError when params.yaml is missing or bad."""
+    return root / load_params(root / "params.yaml").paths.registry.lineage_index
 
 
 def _stage_version(root: Path, name: str, stage: str) -> str:
-    import gto.api  # about a second to import: only for stage references
-    from gto.exceptions import ArtifactNotFound
-
-    try:
-        found = gto.api.find_versions_in_stage(str(root), name, stage)
-    except ArtifactNotFound:
-        found = None
-    if not found:
+    staged = version_in_stage(root, name, stage)  # imports gto: only for stage references
+    if staged is None:
         raise LineageError(f"no version of {name} is in stage {stage!r}")
-    return str((found[0] if isinstance(found, list) else found).version)
+    return staged.version
 
 
 def resolve(root: Path, ref: str, index: sqlite3.Connection | None = None) -> Target:
-    """``name@vX.Y.Z``, ``name@latest``, ``name#stage``, a model file, or any git revision."""
+    """What ``ref`` names in the git repository ``root``: ``name@vX.Y.Z``, ``name@latest``,
+    ``name#stage``, a model file (found by its sha256 in ``index``, which is refreshed; without
+    ``index`` a file path is read as a git revision), or any git revision.
+
+    Returns the commit to read and the version published there, if any. Raises LineageError
+    when ``ref`` names no published version, stage, model file or git revision, and
+    RevisionError when git fails.
+    """
     versions = list_versions(root)
     by_tag = {v.tag: v for v in versions}
     wanted: str | None = None
@@ -110,44 +116,42 @@ def _stage(lock: dict[str, Any], path: str) -> dict[str, Any]:
     }
 
 
-def show(root: Path, target: Target) -> dict[str, Any]:
-    """The whole chain behind ``target``: weights, training, data, sources, code, environment."""
-    commit = target.commit
-    lock, params = lock_at(root, commit), params_at(root, commit)
-    paths = params["paths"]
-    package = str(paths["register"]["package"])
-    card = output_json(root, commit, card_file(package))
-    hashes = card.get("inputs_sha256", {})
-    data = card.get("data", {})
-    record = publish_record(root, target.version.tag) if target.version else None
-    dataset, splits = str(paths["ingest"]["dataset"]), str(paths["split"]["splits"])
-    ingest = _stage(lock, dataset)
-    sources = params.get("ingest", {}).get("sources", {})
-    source_dirs = {str(s["uri"]): role for role, s in sources.items()}
+def _model(lock: dict[str, Any], package: str, card: dict[str, Any]) -> dict[str, Any]:
     return {
-        "ref": target.ref,
-        "commit": commit,
-        "name": card.get("name"),
-        "version": target.version.version if target.version else None,
-        "tag": target.version.tag if target.version else None,
-        "model": {
-            "path": f"{package}/{WEIGHTS}",
-            "sha256": hashes.get("weights"),
-            "package": _out(lock, package),
-            "architecture": card.get("architecture"),
-            "classes": card.get("classes"),
-            "input": card.get("input"),
-        },
+        "path": f"{package}/{WEIGHTS}",
+        "sha256": card.get("inputs_sha256", {}).get("weights"),
+        "package": _out(lock, package),
+        "architecture": card.get("architecture"),
+        "classes": card.get("classes"),
+        "input": card.get("input"),
+    }
+
+
+def _training(lock: dict[str, Any], paths: dict[str, Any], card: dict[str, Any]) -> dict[str, Any]:
+    """The ``finetune`` and ``pretrained`` sections: the stages, params and starting weights."""
+    pretrained = str(paths["pretrain"]["checkpoint"])
+    return {
         "finetune": {
             **_stage(lock, str(paths["finetune"]["checkpoint"])),
             "init": card.get("training", {}).get("init"),
         },
         "pretrained": {
-            **_out(lock, str(paths["pretrain"]["checkpoint"])),
-            "sha256": hashes.get("pretrained_weights"),
+            **_out(lock, pretrained),
+            "sha256": card.get("inputs_sha256", {}).get("pretrained_weights"),
             "provenance": card.get("weights_provenance"),
-            **_stage(lock, str(paths["pretrain"]["checkpoint"])),
+            **_stage(lock, pretrained),
         },
+    }
+
+
+def _data(lock: dict[str, Any], params: dict[str, Any], card: dict[str, Any]) -> dict[str, Any]:
+    """The ``split``, ``dataset`` and ``sources`` sections: from source folders to splits."""
+    paths, hashes, data = params["paths"], card.get("inputs_sha256", {}), card.get("data", {})
+    dataset, splits = str(paths["ingest"]["dataset"]), str(paths["split"]["splits"])
+    ingest = _stage(lock, dataset)
+    sources = params.get("ingest", {}).get("sources", {})
+    source_dirs = {str(s["uri"]): role for role, s in sources.items()}
+    return {
         "split": {
             **_out(lock, splits),
             "sha256": hashes.get("splits"),
@@ -166,6 +170,33 @@ def show(root: Path, target: Target) -> dict[str, Any]:
             for d in ingest.get("deps", [])
             if d["path"] in source_dirs
         ],
+    }
+
+
+def show(root: Path, target: Target) -> dict[str, Any]:
+    """The whole chain behind ``target`` in the git repository ``root``, read at its commit.
+
+    Returns a JSON-ready dict: the model (weights' sha256, package), finetune and pretrain
+    (stages, params, weights and their provenance), split, dataset and source folders, the
+    code commit and dirty flag, metrics, gate, and for a published version the publish time,
+    the production comparison and the environment (None otherwise). Raises RevisionError when
+    the commit's dvc.lock, params.yaml or model card cannot be read (not in the DVC cache nor
+    on the remote), and KeyError when its params.yaml lacks a path the chain needs.
+    """
+    commit, version = target.commit, target.version
+    lock, params = lock_at(root, commit), params_at(root, commit)
+    package = str(params["paths"]["register"]["package"])
+    card = output_json(root, commit, card_file(package))
+    record = publish_record(root, version.tag) if version else None
+    return {
+        "ref": target.ref,
+        "commit": commit,
+        "name": card.get("name"),
+        "version": version.version if version else None,
+        "tag": version.tag if version else None,
+        "model": _model(lock, package, card),
+        **_training(lock, params["paths"], card),
+        **_data(lock, params, card),
         "code": {
             "commit": commit,
             "dirty": record.get("dirty") if record else None,
@@ -214,7 +245,12 @@ def _changed(a: dict[str, Any], b: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def diff(root: Path, index: sqlite3.Connection, a: Target, b: Target) -> dict[str, Any]:
-    """Images added and removed per role and split, params, code and metrics from ``a`` to ``b``."""
+    """What changed from ``a`` to ``b`` in the git repository ``root``: images added to and
+    removed from each role and split (read through the lineage ``index``, which gains any
+    table it lacks), params as dvc.lock records them, commits and code files, and metrics
+    with their deltas. Returns a JSON-ready dict. Raises RevisionError when either side's
+    files cannot be read.
+    """
     tables = [split_table(index, table_keys(index, root, t.commit).splits) for t in (a, b)]
     keyed = [{(r["role"], r["split"], r["sha256"]): r for r in rows} for rows in tables]
     images: dict[str, dict[str, list[dict[str, str | None]]]] = {}

@@ -60,7 +60,9 @@ class TableKeys:
 
 @contextmanager
 def open_index(path: Path) -> Iterator[sqlite3.Connection]:
-    """The index at ``path``, created (or re-created when its schema is outdated) as needed."""
+    """Open the SQLite index at ``path`` for the ``with`` block, creating it (and its folder),
+    or re-creating it when its schema is outdated; yields the connection and closes it on
+    exit. Raises OSError and sqlite3.Error when the file cannot be created or opened."""
     path.parent.mkdir(parents=True, exist_ok=True)
     connection = sqlite3.connect(path)
     try:
@@ -105,7 +107,10 @@ def _load(connection: sqlite3.Connection, kind: str, key: str, data: bytes) -> N
 
 
 def table_keys(connection: sqlite3.Connection, root: Path, commit: str) -> TableKeys:
-    """The keys of ``commit``'s tables, reading each into the index if it is not there yet."""
+    """The keys of the manifest and splits tables at ``commit`` of the repository ``root``,
+    reading each into the index first if it is not there yet. Raises RevisionError when the
+    commit's dvc.lock, params.yaml or tables cannot be read, KeyError when its params lack a
+    path."""
     from graft.data.layout import MANIFEST_NAME  # imports pandas: kept off the warm path
 
     lock, paths = lock_at(root, commit), params_at(root, commit)["paths"]
@@ -129,7 +134,10 @@ def _weights_sha256(root: Path, commit: str) -> str | None:
 
 
 def refresh(connection: sqlite3.Connection, root: Path) -> list[Version]:
-    """Bring the index up to date with the version tags; return the versions, oldest first."""
+    """Bring the index up to date with the version tags of the repository ``root``: drop
+    deleted tags, read new and re-created ones (a version that cannot be read is recorded
+    with its error, not raised). Returns every version, as :func:`list_versions` orders them.
+    Raises RevisionError when git fails."""
     versions = list_versions(root)
     known = dict(connection.execute("SELECT tag, tag_object FROM versions").fetchall())
     current = {v.tag for v in versions}
@@ -167,7 +175,8 @@ def refresh(connection: sqlite3.Connection, root: Path) -> list[Version]:
 
 
 def versions_with_weights(connection: sqlite3.Connection, sha256: str) -> list[str]:
-    """Tags of the versions whose model weights have this sha256."""
+    """Tags of the indexed versions whose model weights have the hex digest ``sha256``, oldest
+    first; empty when none has. Raises nothing beyond sqlite3.Error."""
     rows = connection.execute(
         "SELECT tag FROM versions WHERE weights_sha256 = ? ORDER BY created", (sha256,)
     )
@@ -188,12 +197,17 @@ def _entry(kind: str, values: tuple[str, ...]) -> dict[str, str | None]:
 
 
 def split_table(connection: sqlite3.Connection, key: str) -> list[dict[str, str | None]]:
+    """The rows of the indexed splits table ``key`` (see :func:`table_keys`): role, sha256,
+    label, split and path of each image, empty values as None. Empty for an unknown key."""
     rows = connection.execute(_select("split", "t.key = ?"), (key,))
     return [_entry("split", row[1:]) for row in rows]
 
 
 def which_models(connection: sqlite3.Connection, root: Path, sha256: str) -> list[dict[str, Any]]:
-    """Per published version: was the image used (role, split), rejected, or absent?"""
+    """For each published version of the repository ``root``, oldest first: whether the image
+    with hex digest ``sha256`` was used (its role and split), rejected (verdict and reason),
+    absent, or whether the version is unreadable. Refreshes the index first (see
+    :func:`refresh`). Returns JSON-ready dicts. Raises RevisionError when git fails."""
     versions = refresh(connection, root)
     info = {
         row[0]: row[1:]

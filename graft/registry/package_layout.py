@@ -8,5 +8,6 @@ CARD_MARKDOWN = "model_card.md"
 
 
 def card_file(package: str) -> str:
-    """The model card's path inside a package, as a POSIX path (as dvc.lock writes them)."""
+    """The model card's path inside the package folder ``package``, as a POSIX path (as
+    dvc.lock writes them). Raises nothing."""
     return f"{package.rstrip('/')}/{CARD_JSON}"

@@ -12,8 +12,6 @@ dirty flag, environment and the production comparison, which must not live in a 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,6 +19,7 @@ from typing import Any, Literal
 
 from graft.config.params import Params, load_params
 from graft.errors import GraftError
+from graft.processes import run_dvc
 from graft.registry.environment import environment
 from graft.registry.package_layout import CARD_JSON, card_file
 from graft.registry.register import gate_failures
@@ -32,6 +31,7 @@ from graft.registry.versions import (
     list_versions,
     next_version,
     semver,
+    version_in_stage,
 )
 
 Bump = Literal["patch", "minor", "major"]
@@ -50,6 +50,10 @@ class AlreadyPublished(PublishError):
 
 @dataclass(frozen=True)
 class Published:
+    """A version :func:`publish` created: the model ``name``, its ``version`` and ``tag``, the
+    ``commit`` tagged, the stage tag (or None), whether data was pushed to the DVC remote, and
+    the publish ``record`` written into the tag's message."""
+
     name: str
     version: str
     tag: str
@@ -59,15 +63,10 @@ class Published:
     record: dict[str, Any] = field(repr=False)
 
 
-def _dvc(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True, text=True
-    )
-
-
 def stale_stages(root: Path) -> dict[str, Any]:
-    """What ``dvc status`` reports as changed; empty when the pipeline is up to date."""
-    result = _dvc(root, "status", "--json")
+    """What ``dvc status`` reports as changed in the project ``root``, by stage; empty when
+    the pipeline is up to date. Raises PublishError when ``dvc status`` fails."""
+    result = run_dvc(root, "status", "--json")
     if result.returncode != 0:
         raise PublishError(f"dvc status failed: {result.stderr.strip()}")
     status = json.loads(result.stdout or "{}")
@@ -75,7 +74,8 @@ def stale_stages(root: Path) -> dict[str, Any]:
 
 
 def dirty_files(root: Path) -> list[str]:
-    """Tracked files with uncommitted changes, other than those publish commits itself."""
+    """Tracked files of the git repository ``root`` with uncommitted changes, other than those
+    publish commits itself (PUBLISHED_FILES), sorted. Raises RevisionError when git fails."""
     listing = git(root, "status", "--porcelain=v1", "-z", "--untracked-files=no")
     paths = [entry[3:] for entry in listing.split("\0") if entry]
     return sorted(p for p in paths if p not in PUBLISHED_FILES)
@@ -84,7 +84,10 @@ def dirty_files(root: Path) -> list[str]:
 def production_failures(
     accuracy: float, production: dict[str, Any] | None, max_drop: float
 ) -> list[str]:
-    """Why the model may not replace production; empty when there is none or it is close enough."""
+    """Why a model of test ``accuracy`` (0-1) may not replace ``production`` (as
+    :func:`production_version` returns it, or None) when it may fall at most ``max_drop``
+    below it. Returns the reasons; empty when there is no production version or the model is
+    close enough. Raises KeyError when ``production`` lacks its accuracy or tag."""
     if production is None:
         return []
     floor = production["accuracy"] - max_drop
@@ -97,22 +100,17 @@ def production_failures(
 
 
 def production_version(root: Path, name: str) -> dict[str, Any] | None:
-    """The version in stage ``prod`` and its test accuracy, read from its own commit."""
-    import gto.api  # about a second to import: only when publishing
-    from gto.exceptions import ArtifactNotFound
-
-    try:
-        found = gto.api.find_versions_in_stage(str(root), name, PRODUCTION)
-    except ArtifactNotFound:  # nothing published yet
+    """The version of the model ``name`` in stage ``prod``: its tag, commit and test accuracy
+    (0-1, from the model card at its own commit). None when no version is in ``prod``. Raises
+    RevisionError when that commit's params or model card cannot be read."""
+    staged = version_in_stage(root, name, PRODUCTION)
+    if staged is None:
         return None
-    if not found:
-        return None
-    stage = found[0] if isinstance(found, list) else found
-    package = params_at(root, stage.commit_hexsha)["paths"]["register"]["package"]
-    card = output_json(root, stage.commit_hexsha, card_file(package))
+    package = params_at(root, staged.commit)["paths"]["register"]["package"]
+    card = output_json(root, staged.commit, card_file(package))
     return {
-        "tag": f"{name}@{stage.version}",
-        "commit": stage.commit_hexsha,
+        "tag": f"{name}@{staged.version}",
+        "commit": staged.commit,
         "accuracy": float(card["metrics"]["accuracy"]),
     }
 
@@ -163,12 +161,61 @@ def _commit(root: Path, message: str) -> str:
 
 
 def _push_data(root: Path) -> bool:
-    if _dvc(root, "config", "core.remote").returncode != 0:
+    if run_dvc(root, "config", "core.remote").returncode != 0:
         return False  # no default remote: nothing to push to
-    result = _dvc(root, "push")
+    result = run_dvc(root, "push")
     if result.returncode != 0:
         raise PublishError(f"dvc push failed, nothing was tagged: {result.stderr.strip()}")
     return True
+
+
+def _record(
+    root: Path,
+    params: Params,
+    card: dict[str, Any],
+    version: str,
+    commit: str,
+    production: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The publish record: what the model card cannot hold (see the module docstring)."""
+    name = params.registry.name
+    return {
+        RECORD_KEY: 1,
+        "name": name,
+        "version": version,
+        "commit": commit,
+        "dirty": bool(dirty_files(root)),
+        "dirty_files": dirty_files(root),
+        "published_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "weights_sha256": card["inputs_sha256"]["weights"],
+        "metrics": {k: v for k, v in card["metrics"].items() if isinstance(v, int | float)},
+        "production": production,
+        "max_drop_vs_prod": params.registry.max_drop_vs_prod,
+        "environment": environment(params.common.device, params.common.seed),
+    }
+
+
+def _tag(
+    root: Path, name: str, version: str, commit: str, record: dict[str, Any], stage: str | None
+) -> tuple[str, str | None]:
+    """Create the version tag, its message holding ``record``, and with ``stage`` the stage
+    tag; return both tags (the stage tag None without ``stage``)."""
+    import gto.api  # about a second to import: only when publishing
+
+    message = f"Registering artifact {name} version {version}\n\n" + json.dumps(
+        record, indent=1, sort_keys=True
+    )
+    registration = gto.api.register(str(root), name, commit, version=version, message=message)
+    if not stage:
+        return registration.tag, None
+    assignment = gto.api.assign(
+        str(root),
+        name,
+        stage,
+        version=version,
+        message=f"Assigning stage {stage} to artifact {name} version {version}",
+    )
+    return registration.tag, assignment.tag
 
 
 def publish(
@@ -179,9 +226,16 @@ def publish(
     push: bool = True,
     allow_dirty: bool = False,
 ) -> Published:
-    """Publish the workspace's registered model as the next version; see the module docstring."""
-    import gto.api
+    """Publish the registered model of the project ``root`` as its next version.
 
+    ``bump`` picks the next version ("patch", "minor", "major") unless ``version`` names it
+    (like ``v2.0.0``); ``stage`` also assigns a stage; ``push`` runs `dvc push` when a
+    default DVC remote is configured; ``allow_dirty`` publishes with uncommitted tracked
+    changes (recorded as dirty). Returns what was published. Raises PublishError when the
+    workspace may not be published (see the module docstring), AlreadyPublished when its
+    commit already is a version, ParamsError for bad params.yaml and RevisionError when git
+    fails.
+    """
     root = root.resolve()
     params = load_params(root / "params.yaml")
     name = params.registry.name
@@ -200,32 +254,6 @@ def publish(
     if already:
         raise AlreadyPublished(f"this commit is already published as {already[0].tag}")
     pushed = _push_data(root) if push else False
-    record = {
-        RECORD_KEY: 1,
-        "name": name,
-        "version": new_version,
-        "commit": commit,
-        "dirty": bool(dirty_files(root)),
-        "dirty_files": dirty_files(root),
-        "published_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "weights_sha256": card["inputs_sha256"]["weights"],
-        "metrics": {k: v for k, v in card["metrics"].items() if isinstance(v, int | float)},
-        "production": production,
-        "max_drop_vs_prod": params.registry.max_drop_vs_prod,
-        "environment": environment(params.common.device, params.common.seed),
-    }
-    message = f"Registering artifact {name} version {new_version}\n\n" + json.dumps(
-        record, indent=1, sort_keys=True
-    )
-    registration = gto.api.register(str(root), name, commit, version=new_version, message=message)
-    stage_tag = None
-    if stage:
-        assignment = gto.api.assign(
-            str(root),
-            name,
-            stage,
-            version=new_version,
-            message=f"Assigning stage {stage} to artifact {name} version {new_version}",
-        )
-        stage_tag = assignment.tag
-    return Published(name, new_version, registration.tag, commit, stage_tag, pushed, record)
+    record = _record(root, params, card, new_version, commit, production)
+    tag, stage_tag = _tag(root, name, new_version, commit, record, stage)
+    return Published(name, new_version, tag, commit, stage_tag, pushed, record)

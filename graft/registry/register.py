@@ -7,7 +7,7 @@ fails the stage fails, naming each metric that missed its threshold, and writes 
 The card holds only what this stage's declared deps and params determine, so ``dvc repro`` on a
 fresh clone reproduces it byte for byte. The code commit, the dirty flag, the environment and the
 comparison with the production version depend on git state and the machine: ``graft publish``
-records them in the version's git tag instead (see tasks/publish.py).
+records them in the version's git tag instead (see graft/registry/publish.py).
 """
 
 from __future__ import annotations
@@ -35,7 +35,9 @@ class GateError(GraftError):
 
 
 def gate_failures(metrics: dict[str, Any], settings: Register) -> list[str]:
-    """Why the model may not be registered; empty when it passes."""
+    """Why a model with these test ``metrics`` (accuracy and per-class recall, 0-1) may not be
+    registered under the thresholds ``settings``; empty when it passes. Raises KeyError when
+    ``metrics`` lacks accuracy, per_class or a class's recall."""
     failures = []
     if metrics["accuracy"] < settings.min_accuracy:
         failures.append(
@@ -51,11 +53,15 @@ def gate_failures(metrics: dict[str, Any], settings: Register) -> list[str]:
 
 
 def read_json(path: Path) -> Any:
+    """The JSON file at ``path``, parsed. Raises OSError when it cannot be read and ValueError
+    when it is not JSON."""
     return json.loads(path.read_text(encoding="utf-8"))
 
 
 def data_summary(ingest_metrics: dict[str, Any], split_metrics: dict[str, Any]) -> dict[str, Any]:
-    """Images per role, split and class, and rejected files per role and reason."""
+    """The card's data section from the ingest and split stages' metrics: accepted images per
+    role (total and per class), images per role, split and class, and rejected files per role
+    and reason (reasons with none left out). Raises nothing for missing counts."""
     rejected = {
         role: {
             verdict: count
@@ -72,7 +78,8 @@ def data_summary(ingest_metrics: dict[str, Any], split_metrics: dict[str, Any]) 
 
 
 def used_params(params: Params) -> dict[str, Any]:
-    """Every param the pipeline's result depends on (the register stage declares them all)."""
+    """Every param the pipeline's result depends on (the register stage declares them all),
+    as JSON-ready dicts per section; not ingest.workers nor register.max_drop_vs_prod."""
     dump = {
         "common": params.common.model_dump(mode="json"),
         "ingest": params.ingest.model_dump(mode="json", exclude={"workers"}),
@@ -86,7 +93,9 @@ def used_params(params: Params) -> dict[str, Any]:
 
 
 def model_card(params: Params, metrics: dict[str, Any]) -> dict[str, Any]:
-    """Everything a user of the model needs, and the hashes of what produced it."""
+    """The model card: everything a user of the model needs, and the hashes of what produced
+    it, from ``params`` and the test ``metrics``. Reads the checkpoints and reports the
+    params' paths name; raises OSError when one is missing."""
     paths = params.paths
     _, meta = load_checkpoint(paths.finetune.checkpoint)
     _, backbone = load_checkpoint(paths.pretrain.checkpoint)
@@ -150,6 +159,8 @@ def _counts_table(card: dict[str, Any]) -> list[str]:
 
 
 def render_markdown(card: dict[str, Any]) -> str:
+    """The model card ``card`` (as :func:`model_card` makes it) as Markdown for people.
+    Raises KeyError when the card lacks a section it shows."""
     metrics = card["metrics"]
     provenance = card["weights_provenance"]["backbone"]
     lines = [
@@ -188,7 +199,10 @@ def render_markdown(card: dict[str, Any]) -> str:
 
 
 def register(params: Params) -> dict[str, Any]:
-    """Gate on the evaluation metrics, then write the package atomically; return the card."""
+    """Gate on the evaluation metrics, then write the package (weights and model card)
+    atomically to ``paths.register.package``. Returns the card. Raises GateError, naming each
+    metric that missed its threshold, without writing anything; OSError when an input is
+    missing."""
     metrics = read_json(params.paths.evaluate.metrics)
     failures = gate_failures(metrics, params.registry)
     if failures:

@@ -28,7 +28,8 @@ class RevisionError(GraftError):
 
 
 def git(root: Path, *args: str) -> str:
-    """Run git in ``root`` and return its standard output; a failure is a RevisionError."""
+    """Run ``git <args>`` in ``root`` and return its standard output (text). Raises
+    RevisionError, with git's error message, when git exits with an error."""
     result = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
     if result.returncode != 0:
         raise RevisionError(f"git {' '.join(args)} failed: {result.stderr.strip()}")
@@ -36,7 +37,8 @@ def git(root: Path, *args: str) -> str:
 
 
 def resolve_commit(root: Path, ref: str) -> str | None:
-    """The full commit hash ``ref`` names, or None when git knows no such revision."""
+    """The full commit hash the revision ``ref`` names in the git repository ``root`` (a tag
+    is followed to its commit), or None when git knows no such revision. Raises nothing."""
     result = subprocess.run(
         ["git", "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"],
         cwd=root,
@@ -47,7 +49,8 @@ def resolve_commit(root: Path, ref: str) -> str | None:
 
 
 def tracked_file(root: Path, commit: str, path: str) -> bytes | None:
-    """A git-tracked file's bytes at ``commit``, or None when it is not there."""
+    """The bytes of the git-tracked file ``path`` (relative to ``root``) at ``commit``, or None
+    when it is not there. Raises nothing."""
     result = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=root, capture_output=True)
     return result.stdout if result.returncode == 0 else None
 
@@ -62,17 +65,22 @@ def _yaml_at(root: Path, commit: str, path: str) -> dict[str, Any]:
 
 
 def lock_at(root: Path, commit: str) -> dict[str, Any]:
-    """``dvc.lock`` at ``commit``: the hashes of every stage's deps, params and outputs."""
+    """``dvc.lock`` at ``commit`` of the repository ``root``, parsed: the hashes of every
+    stage's deps, params and outputs. Cached per commit. Raises RevisionError when it is not
+    committed there."""
     return _yaml_at(root, commit, LOCK_FILE)
 
 
 def params_at(root: Path, commit: str) -> dict[str, Any]:
-    """``params.yaml`` at ``commit``, unvalidated: older revisions may predate today's schema."""
+    """``params.yaml`` at ``commit`` of the repository ``root``, parsed but unvalidated: older
+    revisions may predate today's schema. Cached per commit. Raises RevisionError when it is
+    not committed there."""
     return _yaml_at(root, commit, PARAMS_FILE)
 
 
 def stage_writing(lock: dict[str, Any], path: str) -> tuple[str, dict[str, Any]] | None:
-    """The (name, lock entry) of the stage whose outputs hold ``path``, if any."""
+    """The (name, lock entry) of the stage in the parsed ``lock`` whose outputs hold ``path``
+    (an output, or a file inside an output folder), or None when no stage writes it."""
     target = PurePosixPath(path)
     for name, stage in lock.get("stages", {}).items():
         for out in stage.get("outs", []):
@@ -83,7 +91,9 @@ def stage_writing(lock: dict[str, Any], path: str) -> tuple[str, dict[str, Any]]
 
 
 def output_hash(lock: dict[str, Any], path: str) -> tuple[str, str, str]:
-    """(output path, its md5, ``path`` relative to it) for a file inside a pipeline output."""
+    """(output path, its md5, ``path`` relative to it) for ``path``, a pipeline output or a
+    file inside one, per the parsed ``lock``; the relative part is "" for the output itself.
+    Raises RevisionError when no stage writes ``path``."""
     target = PurePosixPath(path)
     for stage in lock.get("stages", {}).values():
         for out in stage.get("outs", []):
@@ -125,7 +135,9 @@ def _from_cache(root: Path, md5: str, relative: str) -> bytes | None:
 
 
 def output_file(root: Path, commit: str, path: str) -> bytes:
-    """A pipeline output file's bytes as recorded in ``dvc.lock`` at ``commit``."""
+    """The bytes of the pipeline output file ``path`` as ``dvc.lock`` at ``commit`` records it:
+    from the local DVC cache, else through DVC (which also reaches the remote). Raises
+    RevisionError when neither has it, or when no stage writes ``path``."""
     _, md5, relative = output_hash(lock_at(root, commit), path)
     data = _from_cache(root, md5, relative)
     if data is not None:
@@ -141,4 +153,6 @@ def output_file(root: Path, commit: str, path: str) -> bytes:
 
 
 def output_json(root: Path, commit: str, path: str) -> Any:
+    """The pipeline output file ``path`` at ``commit``, parsed as JSON (see
+    :func:`output_file`). Raises RevisionError as that does, and ValueError for bad JSON."""
     return json.loads(output_file(root, commit, path))

@@ -26,6 +26,12 @@ RECORD_KEY = "graft_publish"  # marks the JSON publish record in a version tag's
 
 @dataclass(frozen=True)
 class Version:
+    """One registered version, as :func:`list_versions` reads it from its git tag.
+
+    ``name`` is the model's, ``version`` is like ``v1.2.0``, ``tag`` is ``<name>@<version>``,
+    ``commit`` the commit the tag points at and ``created`` the tag's time (unix seconds).
+    """
+
     name: str
     version: str
     tag: str
@@ -35,15 +41,29 @@ class Version:
 
     @property
     def semver(self) -> tuple[int, int, int]:
+        """(major, minor, patch) of this version, for ordering. Raises ValueError when the
+        version is not semantic, which never happens for one :func:`list_versions` read."""
         return semver(self.version)
 
 
+@dataclass(frozen=True)
+class StagedVersion:
+    """The version GTO finds in a stage: ``version`` (like ``v1.2.0``) and the ``commit`` it
+    was registered at."""
+
+    version: str
+    commit: str
+
+
 def is_version(text: str) -> bool:
-    """Whether ``text`` is a version as GTO writes it: ``v`` and a semantic version."""
+    """Whether ``text`` is a version as GTO writes it: ``v`` and a semantic version (such as
+    ``v1.2.0`` or ``v1.0.0-rc.1``). Raises nothing."""
     return re.fullmatch(rf"v{_SEMVER}", text) is not None
 
 
 def semver(version: str) -> tuple[int, int, int]:
+    """(major, minor, patch) of a version like ``v1.2.0``; pre-release and build parts are
+    ignored. Raises ValueError when ``version`` is not a semantic version with its ``v``."""
     match = re.match(rf"^v{_SEMVER}", version)
     if not match:
         raise ValueError(f"not a semantic version: {version!r}")
@@ -51,7 +71,11 @@ def semver(version: str) -> tuple[int, int, int]:
 
 
 def list_versions(root: Path, name: str | None = None) -> list[Version]:
-    """Every registered, not deregistered version (of ``name``, or of all models), oldest first."""
+    """Every registered, not deregistered version in the git repository ``root``.
+
+    Only the versions of the model ``name`` when given, otherwise of every model. Returns them
+    sorted by model name, then version, then tag time. Raises RevisionError when git fails.
+    """
     listing = git(
         root,
         "for-each-ref",
@@ -76,7 +100,8 @@ def list_versions(root: Path, name: str | None = None) -> list[Version]:
 
 
 def next_version(existing: list[Version], bump: str) -> str:
-    """The version after the greatest existing one; the first version is v1.0.0."""
+    """The version after the greatest of ``existing``, bumping ``bump`` ("major", "minor";
+    anything else bumps the patch); the first version is v1.0.0. Raises nothing."""
     if not existing:
         return "v1.0.0"
     major, minor, patch = max(v.semver for v in existing)
@@ -88,7 +113,11 @@ def next_version(existing: list[Version], bump: str) -> str:
 
 
 def publish_record(root: Path, tag: str) -> dict[str, Any] | None:
-    """The JSON record ``graft publish`` wrote into a version tag's message, if there is one."""
+    """The JSON record ``graft publish`` wrote into the message of the version tag ``tag``.
+
+    Returns None when the tag has no such record (a version tagged by other means). Raises
+    RevisionError when git fails.
+    """
     message = git(root, "tag", "-l", "--format=%(contents)", tag)
     start = message.find("{")
     if start < 0:
@@ -98,3 +127,21 @@ def publish_record(root: Path, tag: str) -> dict[str, Any] | None:
     except json.JSONDecodeError:
         return None
     return record if isinstance(record, dict) and RECORD_KEY in record else None
+
+
+def version_in_stage(root: Path, name: str, stage: str) -> StagedVersion | None:
+    """The version of the model ``name`` that GTO finds in ``stage`` (e.g. ``prod``) in the
+    git repository ``root``, or None when no version is in that stage or the model has no
+    versions at all. Imports gto (about a second), so only callers that need a stage call it.
+    Raises what GTO raises for an unreadable repository."""
+    import gto.api
+    from gto.exceptions import ArtifactNotFound
+
+    try:
+        found = gto.api.find_versions_in_stage(str(root), name, stage)
+    except ArtifactNotFound:  # nothing published under this name yet
+        return None
+    if not found:
+        return None
+    first = found[0] if isinstance(found, list) else found
+    return StagedVersion(str(first.version), str(first.commit_hexsha))
