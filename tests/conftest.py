@@ -34,3 +34,15 @@ def dvc_project(tmp_path: Path, sources: Path) -> Path:
     The image sources live outside the repository, as a user's own folders would.
     """
     return make_dvc_project(tmp_path / "repo", sources)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip ``gpu`` tests where there is no CUDA device; run them where a GPU is lent."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
