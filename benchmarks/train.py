@@ -11,9 +11,9 @@ rates and augmentation:
   every epoch), the frozen backbone forwarded every epoch, AdamW with graft's cosine schedule
   and no weight decay (so only the engineering differs); phase 2 unfreezes the deepest
   block (VGG16: ``features[24:]``) at a low learning rate;
-- graft: :func:`tasks.finetune.finetune` (images decoded once, head inputs cached per view in
-  phase 1, VGG's classifier input folded (tasks/folding.py), fused AdamW, cosine schedule,
-  best epoch kept).
+- graft: :func:`graft.training.finetune.finetune` (images decoded once, head inputs cached per
+  view in phase 1, VGG's classifier input folded (graft/training/folding.py), fused AdamW,
+  cosine schedule, best epoch kept).
 
 Phase 1 is timed for both head scopes (``top_module``: VGG's whole classifier; ``last_layer``:
 only the new layer). Prints a table; the last line is one JSON object.

@@ -80,7 +80,8 @@ def deployments_for(root: Path) -> list[RunnerDeployment]:
             # A served run starts in this process's folder: name the workspace explicitly.
             parameters={**(spec.get("parameters") or {}), "root": str(root.resolve())},
             concurrency_limit=_concurrency(spec.get("concurrency_limit")),
-            # The installed package, not a file path relative to wherever serve started.
+            # A module path: `graft serve` puts the project root on PYTHONPATH for the flow-run
+            # processes, so it resolves wherever serve was started from.
             entrypoint_type=EntrypointType.MODULE_PATH,
         )
         assert isinstance(deployment, RunnerDeployment)  # sync call: not a coroutine

@@ -21,7 +21,12 @@ import pandas as pd
 
 @contextmanager
 def atomic_path(destination: Path, *, directory: bool = False) -> Iterator[Path]:
-    """Yield a temporary path to fill; on success it replaces ``destination`` in one rename."""
+    """Yield a temporary path to fill; on success it replaces ``destination`` in one rename.
+
+    With ``directory`` the temporary is a folder. Whatever the block raises is raised again
+    after the temporary is removed, and ``destination`` is left as it was. Raises OSError when
+    the temporary cannot be made or renamed.
+    """
     destination.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{destination.name}.tmp-"
     if directory:
@@ -59,14 +64,21 @@ def _replace_directory(new: Path, destination: Path) -> None:
 
 
 def write_text(destination: Path, text: str) -> None:
+    """Write ``text`` as UTF-8 to ``destination`` atomically; raises OSError on failure."""
     with atomic_path(destination) as temporary:
         temporary.write_text(text, encoding="utf-8")
 
 
 def write_json(destination: Path, payload: Any) -> None:
+    """Write ``payload`` as indented JSON with sorted keys, atomically; raises TypeError for
+    values JSON cannot hold and OSError on failure."""
     write_text(destination, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 def write_csv(destination: Path, frame: pd.DataFrame) -> None:
+    """Write ``frame`` as CSV (no index, ``\\n`` line ends) atomically; raises OSError on failure.
+
+    ``frame`` is written as is: validate it against its schema first where it has one.
+    """
     with atomic_path(destination) as temporary:
         frame.to_csv(temporary, index=False, lineterminator="\n")

@@ -17,11 +17,12 @@ class Progress:
         self._started = self._last_line = time.perf_counter()
         self._bar: Any = None
         if sys.stderr.isatty() and total:
-            from tqdm import tqdm  # installed with DVC
+            from tqdm import tqdm  # only where a bar is drawn
 
             self._bar = tqdm(total=total, desc=what, unit="file", file=sys.stderr)
 
     def update(self, count: int = 1) -> None:
+        """Count ``count`` more items done; advance the bar, or log a line when one is due."""
         self.done += count
         if self._bar is not None:
             self._bar.update(count)

@@ -3,7 +3,8 @@
 Same target data, same two phases, same params and the same architecture as the pretrained
 backbone (``pretrain.arch``); only the starting weights differ. ``evaluate`` scores it beside
 the fine-tuned model, and the difference is the transfer gain: what pretraining bought. It
-does not read the pretrained checkpoint, so re-running pretrain never re-trains it.
+does not read the pretrained checkpoint, so re-running pretrain never re-trains it. The work
+is graft.training.finetune's, with no backbone.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from graft.registry.register import register
 
 
 def main() -> None:
+    """Gate and package the model (``paths.register.package``); run from the project root."""
     card = register(load_params())
     print(
         f"registered {card['name']}: accuracy {card['metrics']['accuracy']:.4f}, "

@@ -80,7 +80,7 @@ def test_finetune_is_deterministic_on_cpu_with_cached_augmented_views(
 def test_finetuned_vgg_is_saved_in_torchvision_layout(
     prepared: tuple[Params, pd.DataFrame, Path], tmp_path: Path
 ) -> None:
-    """VGG at 32 px trains folded (tasks/folding.py) and comes back as a plain torchvision VGG."""
+    """VGG at 32 px trains folded (graft/training/folding.py), ends a plain torchvision VGG."""
     from graft.training.checkpoints import model_from_checkpoint, save_checkpoint
     from graft.training.models import build_model
 

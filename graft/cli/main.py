@@ -64,9 +64,14 @@ def use_project_code(root: Path) -> None:
 
     The Prefect flow lives in the project (``flows/``), not in the installed library, so a user
     can change it without reinstalling; ``graft run`` and ``graft serve`` find it under ``root``.
-    Puts ``root`` first on ``sys.path`` and on ``PYTHONPATH`` (for child processes). Returns
-    nothing; raises nothing.
+    Puts ``root`` first on ``sys.path`` and on ``PYTHONPATH`` (for child processes). Raises
+    GraftError when ``root`` holds no ``flows/pipeline.py`` (not a graft project root).
     """
+    if not (root / "flows" / "pipeline.py").is_file():
+        raise GraftError(
+            f"{root.resolve()} is not a graft project root (no flows/pipeline.py): "
+            "run from the project root or pass --root"
+        )
     project = str(root.resolve())
     if project not in sys.path:
         sys.path.insert(0, project)

@@ -37,16 +37,10 @@ def arch_problems(params: Params) -> list[tuple[str, str]]:
     Returns an empty list when the architecture is known. Imports torchvision on first use.
     """
     # Imported here: torchvision takes seconds to import, and most callers never need it.
-    from graft.training.models import available_architectures
+    from graft.training.models import unknown_architecture
 
-    arch = params.pretrain.arch
-    known = available_architectures()
-    if arch in known:
-        return []
-    similar = [name for name in known if name.startswith(arch[:3])]
-    hint = ", ".join(similar or known[:8])
-    message = f"unknown architecture {arch!r} (torchvision classifiers such as: {hint})"
-    return [("pretrain.arch", message)]
+    problem = unknown_architecture(params.pretrain.arch)
+    return [("pretrain.arch", problem)] if problem else []
 
 
 def check_sources(params: Params, root: Path = Path("."), *, origin: str = "params") -> None:

@@ -5,8 +5,9 @@ wrong type or fractions that do not sum to one stop the run at once with a messa
 the key. Validation is pure: it reads nothing but the mapping it is given. What depends on this
 machine (source folders, the installed torchvision) is checked by :mod:`graft.config.checks`.
 
-The sections are defined in :mod:`graft.config.settings` and :mod:`graft.config.paths`; they
-are re-exported here, so ``from graft.config.params import Common`` keeps working.
+This module is the one entry point to the settings: the sections are defined in
+:mod:`graft.config.settings` and :mod:`graft.config.paths` and exported from here with
+:class:`Params` itself, so callers import every settings type from one place.
 """
 
 from __future__ import annotations

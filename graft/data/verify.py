@@ -21,7 +21,7 @@ from graft.hashing import sha256_hex
 from graft.progress import Progress
 
 # Bump when check_image_bytes would judge some bytes differently: old cached verdicts expire.
-CHECKER_VERSION = 1
+CHECKER_VERSION = 2  # 2: files Pillow's guard refuses are too_large with its reason
 SYSTEM_FILES = frozenset({"thumbs.db", "desktop.ini", "icon\r"})
 CHUNK = 64  # files per task handed to a worker: amortises the hand-over
 

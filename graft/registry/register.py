@@ -95,7 +95,8 @@ def used_params(params: Params) -> dict[str, Any]:
 def model_card(params: Params, metrics: dict[str, Any]) -> dict[str, Any]:
     """The model card: everything a user of the model needs, and the hashes of what produced
     it, from ``params`` and the test ``metrics``. Reads the checkpoints and reports the
-    params' paths name; raises OSError when one is missing."""
+    params' paths name; raises CheckpointError when a checkpoint is missing or not graft's, and
+    OSError when a report is missing."""
     paths = params.paths
     _, meta = load_checkpoint(paths.finetune.checkpoint)
     _, backbone = load_checkpoint(paths.pretrain.checkpoint)
@@ -201,8 +202,8 @@ def render_markdown(card: dict[str, Any]) -> str:
 def register(params: Params) -> dict[str, Any]:
     """Gate on the evaluation metrics, then write the package (weights and model card)
     atomically to ``paths.register.package``. Returns the card. Raises GateError, naming each
-    metric that missed its threshold, without writing anything; OSError when an input is
-    missing."""
+    metric that missed its threshold, without writing anything; CheckpointError when a
+    checkpoint is missing or not graft's, OSError when a report is missing."""
     metrics = read_json(params.paths.evaluate.metrics)
     failures = gate_failures(metrics, params.registry)
     if failures:

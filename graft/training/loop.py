@@ -133,14 +133,7 @@ def fit(
     optimisation = _optimisation(
         param_groups, train, epochs, weight_decay, device, speed, on_optimizer
     )
-    progress = EarlyStopping(patience, trainable_state(model))
-    stopped = False
-    if resume is not None and resume.is_file():
-        saved = FitState.load(resume)
-        progress = saved.restore(model, optimisation, patience)
-        stopped = saved.stopped
-        resumed = len(progress.history)
-        print(f"{phase}: resuming after epoch {resumed} from {resume}", file=sys.stderr)
+    progress, stopped = _start(model, optimisation, patience, resume, phase)
     for offset in range(len(progress.history), 0 if stopped else epochs):
         started = time.perf_counter()
         result = _epoch(
@@ -158,6 +151,19 @@ def fit(
             break
     model.load_state_dict(progress.best_state, strict=False)
     return FitOutcome(progress.history, progress.best, time.perf_counter() - fit_started)
+
+
+def _start(
+    model: nn.Module, optimisation: Optimisation, patience: int, resume: Path | None, phase: str
+) -> tuple[EarlyStopping, bool]:
+    # Fresh bookkeeping, or the saved state's (restored into the model and optimisation too),
+    # and whether the saved run had already finished.
+    if resume is None or not resume.is_file():
+        return EarlyStopping(patience, trainable_state(model)), False
+    saved = FitState.load(resume)
+    progress = saved.restore(model, optimisation, patience)
+    print(f"{phase}: resuming after epoch {len(progress.history)} from {resume}", file=sys.stderr)
+    return progress, saved.stopped
 
 
 def _optimisation(

@@ -25,24 +25,25 @@ def available_architectures() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
-def check_arch(arch: str) -> None:
-    """Raise ValueError, suggesting similar names, when ``arch`` is not a torchvision
-    classification model."""
+def unknown_architecture(arch: str) -> str | None:
+    """Why ``arch`` is not a torchvision classification model, suggesting known names that share
+    its first three letters (or the first few names); None when it is one."""
     known = available_architectures()
-    if arch not in known:
-        hint = ", ".join(name for name in known if name.startswith(arch[:3])) or ", ".join(
-            known[:8]
-        )
-        raise ValueError(f"unknown architecture {arch!r} (torchvision classifiers such as: {hint})")
+    if arch in known:
+        return None
+    hint = ", ".join([name for name in known if name.startswith(arch[:3])] or known[:8])
+    return f"unknown architecture {arch!r} (torchvision classifiers such as: {hint})"
 
 
 def build_model(arch: str, num_classes: int) -> nn.Module:
     """A randomly initialised torchvision classifier with ``num_classes`` outputs, on the CPU.
 
-    Its initialisation draws from torch's global RNG. Raises ValueError for an unknown
-    ``arch`` and ModelError for a network without a final linear layer (no head to replace).
+    Its initialisation draws from torch's global RNG. Raises ModelError for an unknown ``arch``
+    and for a network without a final linear layer (no head to replace).
     """
-    check_arch(arch)
+    problem = unknown_architecture(arch)
+    if problem:
+        raise ModelError(problem)
     model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
     last_linear_name(model)  # fail now, not mid-training, for heads that are not linear
     return model
