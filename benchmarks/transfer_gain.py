@@ -22,9 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from graft.config.params import Fractions, parse_params
+from graft.config.yaml12 import parse_yaml
 from graft.data.layout import read_manifest
 from graft.data.split import make_splits
 from graft.errors import run_main
@@ -46,7 +45,7 @@ def with_overrides(raw: dict[str, Any], assignments: list[str]) -> dict[str, Any
         node = raw
         for key in keys[:-1]:
             node = node.setdefault(key, {})
-        node[keys[-1]] = yaml.safe_load(value)
+        node[keys[-1]] = parse_yaml(value)
     return raw
 
 
@@ -68,7 +67,7 @@ def main() -> None:
     )
     arguments = parser.parse_args()
     use_deterministic_kernels()  # as the stage entry points do
-    raw = yaml.safe_load(arguments.params.read_text(encoding="utf-8"))
+    raw = parse_yaml(arguments.params.read_text(encoding="utf-8"))  # as DVC reads it
     params = parse_params(with_overrides(raw, arguments.set), str(arguments.params))
     split_settings = params.split
     if arguments.train_fraction is not None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
 from pydantic import Field, ValidationError, field_validator
 
 from graft.config.paths import (
@@ -46,6 +45,7 @@ from graft.config.settings import (
     StrictModel,
     UnfreezePhase,
 )
+from graft.config.yaml12 import YAMLSyntaxError, parse_yaml
 from graft.errors import GraftError
 
 __all__ = [
@@ -147,7 +147,8 @@ def _problems(error: ValidationError) -> list[tuple[str, str]]:
 
 
 def parse_params(raw: object, origin: str = "params") -> Params:
-    """Validate an already-parsed params mapping (as ``yaml.safe_load`` returns it).
+    """Validate an already-parsed params mapping (as :func:`graft.config.yaml12.parse_yaml`
+    returns it: the values DVC reads from the same file).
 
     Pure: checks types, ranges and key names only; nothing on disk is looked at. ``origin``
     names the source in messages. Raises ParamsError naming every bad key at once.
@@ -163,13 +164,17 @@ def parse_params(raw: object, origin: str = "params") -> Params:
 def load_params(path: Path = DEFAULT_PARAMS) -> Params:
     """Read and validate params.yaml at ``path`` (see :func:`parse_params`).
 
-    Raises ParamsError when the file is missing, is not valid YAML or has bad settings, naming
-    every bad key at once.
+    The file is read as DVC reads it (YAML 1.2, see :mod:`graft.config.yaml12`), so the values
+    a stage runs with are the ones dvc.lock records. Raises ParamsError when the file is
+    missing, is not UTF-8 text, is not valid YAML or has bad settings, naming every bad key at
+    once.
     """
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = parse_yaml(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ParamsError(f"{path} not found (run from the project root)") from None
-    except yaml.YAMLError as error:
+    except UnicodeDecodeError:
+        raise ParamsError(f"{path} is not UTF-8 text") from None
+    except YAMLSyntaxError as error:
         raise ParamsError(f"{path} is not valid YAML: {error}") from None
     return parse_params(raw, origin=str(path))

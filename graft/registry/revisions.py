@@ -15,8 +15,7 @@ from functools import cache
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import yaml
-
+from graft.config.yaml12 import YAMLSyntaxError, parse_yaml
 from graft.errors import GraftError
 
 LOCK_FILE = "dvc.lock"
@@ -57,10 +56,17 @@ def tracked_file(root: Path, commit: str, path: str) -> bytes | None:
 
 @cache
 def _yaml_at(root: Path, commit: str, path: str) -> dict[str, Any]:
+    """The YAML file ``path`` at ``commit``, parsed; {} when it holds no mapping. Read as DVC
+    reads it (UTF-8, YAML 1.2: :mod:`graft.config.yaml12`), so lineage records the values
+    that trained and that dvc.lock holds. Raises RevisionError when the file is not committed
+    there or is not UTF-8 YAML."""
     data = tracked_file(root, commit, path)
     if data is None:
         raise RevisionError(f"{path} is not committed at {commit[:12]}")
-    parsed = yaml.safe_load(data)
+    try:
+        parsed = parse_yaml(data.decode("utf-8"))
+    except (UnicodeDecodeError, YAMLSyntaxError) as error:
+        raise RevisionError(f"{path} at {commit[:12]} is not valid UTF-8 YAML: {error}") from None
     return parsed if isinstance(parsed, dict) else {}
 
 
