@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from graft.data.decoding import check_image_bytes, pillow_refuses_above, set_pixel_limit
-from graft.data.verify import CheckSettings
+from graft.data.verify import CHECKER_VERSION, CheckSettings
 
 PILLOW_DEFAULT = 89_478_485  # Image.MAX_IMAGE_PIXELS as Pillow ships it
 
@@ -112,11 +112,14 @@ def test_cache_key_names_pillows_limit_only_where_it_changes_verdicts(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000)
-    assert CheckSettings(min_side=8, max_pixels=2_000).key() == "v1:min_side=8:max_pixels=2000"
+    assert (
+        CheckSettings(min_side=8, max_pixels=2_000).key()
+        == f"v{CHECKER_VERSION}:min_side=8:max_pixels=2000"
+    )
     allows_more = CheckSettings(min_side=8, max_pixels=2_001).key()
-    assert allows_more == "v1:min_side=8:max_pixels=2001:pillow_refuses_above=2000"
+    assert allows_more == f"v{CHECKER_VERSION}:min_side=8:max_pixels=2001:pillow_refuses_above=2000"
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
     assert (
         CheckSettings(min_side=8, max_pixels=10**12).key()
-        == "v1:min_side=8:max_pixels=1000000000000"
+        == f"v{CHECKER_VERSION}:min_side=8:max_pixels=1000000000000"
     )
