@@ -33,7 +33,10 @@ def _publish(arguments: argparse.Namespace) -> None:
     print(f"published {published.tag} at commit {published.commit[:12]}")
     if published.stage_tag:
         print(f"stage: {published.stage_tag}")
-    print("data pushed to the DVC remote" if published.pushed else "no DVC remote: data not pushed")
+    if published.pushed:
+        print("data pushed to the DVC remote")
+    else:
+        print("data not pushed (--no-push)" if arguments.no_push else "no DVC remote: not pushed")
     print("share it: git push --follow-tags (and `dvc push` where data was not pushed)")
 
 
@@ -96,7 +99,8 @@ def _show(arguments: argparse.Namespace) -> None:
 def _which_models(arguments: argparse.Namespace) -> None:
     from graft.hashing import file_sha256
     from graft.registry.lineage import index_path
-    from graft.registry.lineage_index import open_index, which_models
+    from graft.registry.lineage_index import open_index
+    from graft.registry.lineage_queries import which_models
 
     root = arguments.root.resolve()
     image = arguments.image
@@ -160,9 +164,10 @@ def add_commands(commands: Any) -> None:
     publish = commands.add_parser(
         "publish",
         help="publish the registered model as a new version (git tag in GTO's format)",
-        description="Refuses unless `dvc status` is clean and the register gate passed. Commits "
-        "dvc.lock (with params.yaml and dvc.yaml), pushes data to the DVC remote when one is "
-        "configured, and tags <name>@vX.Y.Z; the first version is v1.0.0.",
+        description="Refuses unless `dvc status` is clean and the register gate passed. Pushes "
+        "data to the default DVC remote when one is configured, then commits dvc.lock (with "
+        "params.yaml and dvc.yaml) and tags <name>@vX.Y.Z; the first version is v1.0.0. A "
+        "failure at any step leaves git as it was.",
     )
     publish.add_argument("--bump", choices=("patch", "minor", "major"), default="patch")
     publish.add_argument("--version", help="explicit version, e.g. v2.0.0 (instead of --bump)")
@@ -186,7 +191,7 @@ def add_commands(commands: Any) -> None:
         "which-models",
         help="every published version whose data held an image, and in which split",
         description="IMAGE: an image file (hashed) or a sha256. Builds or updates the index "
-        "(paths.register.lineage_index) for versions it has not seen.",
+        "(paths.register.lineage_index) for versions it has not seen or could not read.",
     )
     which.add_argument("image")
     diff = actions.add_parser("diff", help="images, params, code and metrics from A to B")

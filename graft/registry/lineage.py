@@ -15,7 +15,8 @@ from typing import Any
 from graft.config.params import load_params
 from graft.errors import GraftError
 from graft.hashing import file_sha256
-from graft.registry.lineage_index import refresh, split_table, table_keys, versions_with_weights
+from graft.registry.lineage_index import refresh, table_keys
+from graft.registry.lineage_queries import split_table, versions_with_weights
 from graft.registry.package_layout import WEIGHTS, card_file
 from graft.registry.revisions import (
     git,

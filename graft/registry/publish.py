@@ -2,9 +2,10 @@
 
 Refuses unless the pipeline is up to date (``dvc status`` clean), the register stage's package
 exists (its gate passed) and the model is not worse than the production version by more than
-``register.max_drop_vs_prod``. Then commits ``dvc.lock`` with the params and pipeline it pins,
-pushes the data to the DVC remote when one is configured, and tags the commit ``<name>@vX.Y.Z``
-(optionally ``<name>#<stage>#<n>``). The tag's message holds the publish record: code commit,
+``register.max_drop_vs_prod``. Then pushes the data to the default DVC remote when one is
+configured, commits ``dvc.lock`` with the params and pipeline it pins, and tags the commit
+``<name>@vX.Y.Z`` (optionally ``<name>#<stage>#<n>``); a failure at any step leaves git as it
+was (see graft.registry.tagged_commit). The tag's message holds the publish record: code commit,
 dirty flag, environment and the production comparison, which must not live in a DVC output
 (they would make ``dvc.lock`` differ between machines and clones).
 """
@@ -23,7 +24,8 @@ from graft.processes import run_dvc
 from graft.registry.environment import environment
 from graft.registry.package_layout import CARD_JSON, card_file
 from graft.registry.register import gate_failures
-from graft.registry.revisions import git, output_json, params_at
+from graft.registry.revisions import git, output_json, params_at, resolve_commit
+from graft.registry.tagged_commit import build_commit, commit_and_tag
 from graft.registry.versions import (
     RECORD_KEY,
     Version,
@@ -152,20 +154,31 @@ def _check_publishable(root: Path, params: Params, allow_dirty: bool) -> dict[st
     return card
 
 
-def _commit(root: Path, message: str) -> str:
-    present = [name for name in PUBLISHED_FILES if (root / name).exists()]
-    git(root, "add", "--", *present)
-    if git(root, "diff", "--cached", "--name-only", "--", *present).strip():
-        git(root, "commit", "-q", "-m", message, "--", *present)
-    return git(root, "rev-parse", "HEAD").strip()
+def default_remote(root: Path) -> str | None:
+    """The name of the default DVC remote of the project ``root`` (``core.remote`` in DVC's
+    merged system, global, project and local config), or None when none is set. Raises
+    PublishError when DVC cannot read the project or its config."""
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo  # about half a second to import: only when publishing
+
+    # `dvc config core.remote` exits 0 with no output when no remote is set, so its exit code
+    # says nothing; DVC's own merged config does.
+    try:
+        with Repo(str(root)) as repo:
+            remote = repo.config.get("core", {}).get("remote")
+    except DvcException as error:
+        raise PublishError(f"cannot read the DVC config: {error}") from None
+    return str(remote) if remote else None
 
 
 def _push_data(root: Path) -> bool:
-    if run_dvc(root, "config", "core.remote").returncode != 0:
+    if default_remote(root) is None:
         return False  # no default remote: nothing to push to
     result = run_dvc(root, "push")
     if result.returncode != 0:
-        raise PublishError(f"dvc push failed, nothing was tagged: {result.stderr.strip()}")
+        raise PublishError(
+            f"dvc push failed; nothing was committed or tagged: {result.stderr.strip()}"
+        )
     return True
 
 
@@ -208,13 +221,8 @@ def _tag(
     registration = gto.api.register(str(root), name, commit, version=version, message=message)
     if not stage:
         return registration.tag, None
-    assignment = gto.api.assign(
-        str(root),
-        name,
-        stage,
-        version=version,
-        message=f"Assigning stage {stage} to artifact {name} version {version}",
-    )
+    note = f"Assigning stage {stage} to artifact {name} version {version}"
+    assignment = gto.api.assign(str(root), name, stage, version=version, message=note)
     return registration.tag, assignment.tag
 
 
@@ -249,11 +257,19 @@ def publish(
     if failures:
         raise PublishError("not published: " + "; ".join(failures))
 
-    commit = _commit(root, f"Publish {name} {new_version}")
+    parent = resolve_commit(root, "HEAD")
+    commit = build_commit(root, PUBLISHED_FILES, f"Publish {name} {new_version}", parent)
     already = [v for v in existing if v.commit == commit]
     if already:
         raise AlreadyPublished(f"this commit is already published as {already[0].tag}")
+    # The data goes to the remote before any ref moves: a tag never points at missing data.
     pushed = _push_data(root) if push else False
     record = _record(root, params, card, new_version, commit, production)
-    tag, stage_tag = _tag(root, name, new_version, commit, record, stage)
+    tag, stage_tag = commit_and_tag(
+        root,
+        PUBLISHED_FILES,
+        parent,
+        commit,
+        lambda: _tag(root, name, new_version, commit, record, stage),
+    )
     return Published(name, new_version, tag, commit, stage_tag, pushed, record)
