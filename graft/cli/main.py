@@ -75,8 +75,8 @@ def use_project_code(root: Path) -> None:
     project = str(root.resolve())
     if project not in sys.path:
         sys.path.insert(0, project)
-    inherited = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join([project, inherited] if inherited else [project])
+    inherited = [entry for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep) if entry]
+    os.environ["PYTHONPATH"] = os.pathsep.join([project, *(e for e in inherited if e != project)])
 
 
 def _run(arguments: argparse.Namespace) -> None:
