@@ -6,9 +6,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 import yaml
-from helpers import copy_demo_subset, make_dvc_project
+from helpers import copy_demo_subset, make_dvc_project, tiny_params
+
+from graft.config.params import Params, parse_params
+from graft.data.ingest import ingest
+from graft.data.split import make_splits
 
 
 @pytest.fixture
@@ -25,6 +30,15 @@ def write_params(tmp_path: Path) -> Callable[[dict[str, Any]], Path]:
         return path
 
     return write
+
+
+@pytest.fixture
+def prepared(sources: Path, tmp_path: Path) -> tuple[Params, pd.DataFrame, Path]:
+    """Tiny params, the sources ingested into ``tmp_path`` and split: (params, splits, dataset)."""
+    params = parse_params(tiny_params(sources))
+    dataset = tmp_path / "ingested"
+    manifest, _ = ingest(params.ingest, dataset, tmp_path / "cache")
+    return params, make_splits(manifest, params.split, params.common.seed), dataset
 
 
 @pytest.fixture

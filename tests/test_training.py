@@ -5,23 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
-import pytest
 import torch
-from helpers import tiny_params
 
-from graft.config.params import Params, parse_params
-from graft.data.ingest import ingest
-from graft.data.split import make_splits
+from graft.config.params import Params
 from graft.training.finetune import finetune
 from graft.training.pretrain import pretrain
-
-
-@pytest.fixture
-def prepared(sources: Path, tmp_path: Path) -> tuple[Params, pd.DataFrame, Path]:
-    params = parse_params(tiny_params(sources))
-    dataset = tmp_path / "ingested"
-    manifest, _ = ingest(params.ingest, dataset, tmp_path / "cache")
-    return params, make_splits(manifest, params.split, params.common.seed), dataset
 
 
 def test_pretraining_is_deterministic_on_cpu(prepared: tuple[Params, pd.DataFrame, Path]) -> None:

@@ -7,25 +7,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from helpers import tiny_params
 from pydantic import BaseModel
 
-from graft.config.params import Params, TrainPaths, parse_params
-from graft.data.ingest import ingest
-from graft.data.split import make_splits
+from graft.config.params import Params, TrainPaths
 from graft.training.finetune import finetune
 from graft.training.history import EpochResult
 from graft.training.loop import Interrupted
 from graft.training.stage import run_training_stage
 from graft.training.trained import TrainedModel
-
-
-@pytest.fixture
-def prepared(sources: Path, tmp_path: Path) -> tuple[Params, pd.DataFrame, Path]:
-    params = parse_params(tiny_params(sources))
-    dataset = tmp_path / "ingested"
-    manifest, _ = ingest(params.ingest, dataset, tmp_path / "cache")
-    return params, make_splits(manifest, params.split, params.common.seed), dataset
 
 
 def test_an_interrupted_baseline_resumes_to_the_uninterrupted_result(
