@@ -24,9 +24,11 @@ from graft.processes import run_dvc
 
 
 def _sync_with_remote(root: Path, *command: str) -> None:
-    """`dvc pull` or `dvc push` when a DVC remote is configured; say so when none is."""
+    """`dvc pull` or `dvc push` when a default DVC remote is configured; say so when none is."""
+    from graft.registry.publish import default_remote  # publish asks DVC the same question
+
     logger = get_run_logger()
-    if not run_dvc(root, "remote", "list", check=True).stdout.strip():
+    if default_remote(root) is None:
         logger.info("%s: no DVC remote configured; nothing to %s", command[0], command[0])
         return
     logger.info("dvc %s: %s", command[0], run_dvc(root, *command, check=True).stdout.strip())

@@ -169,7 +169,7 @@ def backbone_weights(backbone: Path | None, arch: str, num_classes: int) -> Star
 def random_weights(arch: str, num_classes: int) -> StartingWeights:
     """``arch`` randomly initialised (from torch's global RNG) with ``num_classes`` outputs.
 
-    Raises ValueError for an unknown architecture, ModelError for one without a linear head.
+    Raises ModelError for an unknown architecture and for one without a linear head.
     """
     return StartingWeights(build_model(arch, num_classes), arch, [], "scratch")
 
