@@ -3,13 +3,21 @@
 Every stage writes through these helpers, so a crash or a Ctrl-C mid-write never leaves a
 half-written file or folder for DVC to cache. The temporary lives next to the destination
 (same filesystem) so the final rename is atomic.
+
+A writer killed outright (SIGKILL, out of memory, power) cannot remove its temporary, so each
+temporary is named after its writer: ``.<name>.tmp-<pid>-<host>-<random>`` (and a retired
+folder ``.<name>.old-<pid>-<host>-<random>``), ``<host>`` a short hash of the machine's name.
+The next write of the same destination removes those whose writer is no longer running.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import psutil
+
+# Pids are only comparable on one machine: a folder shared with another (NFS, a volume two
+# containers mount) may hold a live writer's temporary whose pid means nothing here.
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
 @contextmanager
@@ -24,11 +37,13 @@ def atomic_path(destination: Path, *, directory: bool = False) -> Iterator[Path]
     """Yield a temporary path to fill; on success it replaces ``destination`` in one rename.
 
     With ``directory`` the temporary is a folder. Whatever the block raises is raised again
-    after the temporary is removed, and ``destination`` is left as it was. Raises OSError when
-    the temporary cannot be made or renamed.
+    after the temporary is removed, and ``destination`` is left as it was. Temporaries of
+    ``destination`` left by writers on this machine that are no longer running are removed
+    first. Raises OSError when the temporary cannot be made or renamed.
     """
     destination.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{destination.name}.tmp-"
+    _remove_stale_temporaries(destination)
+    prefix = _prefix(destination, "tmp")
     if directory:
         temporary = Path(tempfile.mkdtemp(prefix=prefix, dir=destination.parent))
     else:
@@ -44,18 +59,57 @@ def atomic_path(destination: Path, *, directory: bool = False) -> Iterator[Path]
         else:
             os.replace(temporary, destination)
     except BaseException:
-        if temporary.is_dir():
-            shutil.rmtree(temporary, ignore_errors=True)
-        else:
-            temporary.unlink(missing_ok=True)
+        _remove(temporary)
         raise
+
+
+def _remove_stale_temporaries(destination: Path) -> None:
+    """Remove the temporaries (``.tmp-``) and retired folders (``.old-``) of ``destination``
+    whose writer, a process on this machine, is no longer running.
+
+    A running writer's are kept, and so are those of other machines and those without a
+    writer in their name (written before names had one): their owner cannot be told dead. A
+    pid reused by a new process only keeps a leftover longer. Raises OSError when the folder
+    cannot be listed; errors while removing are ignored (another writer may be removing it).
+    """
+    start = f".{destination.name}."
+    pattern = re.compile(re.escape(start) + r"(?:tmp|old)-(\d+)-" + _HOST + r"-[^.-]+")
+    with os.scandir(destination.parent) as entries:
+        for entry in entries:
+            found = entry.name.startswith(start) and pattern.fullmatch(entry.name)
+            if found and not _running(int(found.group(1))):
+                _remove(Path(entry.path))
+
+
+def _prefix(destination: Path, kind: str) -> str:
+    # mkstemp/mkdtemp append random letters, digits and underscores: no dot or dash.
+    return f".{destination.name}.{kind}-{os.getpid()}-{_HOST}-"
+
+
+def _running(pid: int) -> bool:
+    # A zombie (dead, not yet reaped by its parent) still has its pid but writes nothing more.
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except (psutil.Error, ValueError, OverflowError):  # another user's, unreadable, no pid
+        return True  # not ours to judge: keep its temporary
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _replace_directory(new: Path, destination: Path) -> None:
     # A directory cannot be atomically replaced while it exists: move the old one aside
-    # first, so at every instant the destination is either the old whole or the new whole.
+    # first, so the destination is never a mix: the old whole, the new whole, or for the
+    # instant between the two renames absent (a writer killed just then leaves both behind,
+    # for the next write to remove).
     if destination.exists():
-        retired = Path(tempfile.mkdtemp(prefix=f".{destination.name}.old-", dir=destination.parent))
+        retired = Path(tempfile.mkdtemp(prefix=_prefix(destination, "old"), dir=destination.parent))
         os.replace(destination, retired / destination.name)
         os.replace(new, destination)
         shutil.rmtree(retired, ignore_errors=True)
