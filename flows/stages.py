@@ -3,32 +3,46 @@
 dvc.yaml stays the only declaration of the pipeline: the order comes from DVC's stage graph,
 DVC says whether a stage is up to date, and a stale stage runs through ``dvc repro`` (so
 ``dvc.lock`` is updated exactly as by hand) with its output streamed into the Prefect log.
+However a stage task ends (done, timed out, interrupted, cancelled), its `dvc repro` and the
+stage command it started are stopped first; another DVC command holding DVC's lock is waited
+for through the task's retries.
 """
 
 from __future__ import annotations
 
-import os
+import re
 import signal
 import subprocess
 import threading
-from contextlib import suppress
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import networkx as nx
+import psutil
 from prefect import Task, task
 from prefect.client.schemas.objects import State, TaskRun
 from prefect.context import TaskRunContext
+from prefect.exceptions import TerminationSignal
 from prefect.logging import get_run_logger
 from prefect.tasks import exponential_backoff
 
 from flows.artifacts import StageRow
-from graft.processes import dvc_command, env_with_this_python
+from flows.dvc_files import keep_whole_copy, repair_dvc_files
+from flows.workspace import forget_stage_session, record_stage_session
+from graft.processes import dvc_command, env_with_this_python, stop_session
 
 DVC_LOCKED = "Unable to acquire lock"  # what dvc prints when another dvc command holds the repo
+DVC_LOCK_FILE = Path(".dvc", "tmp", "lock")  # DVC's repository lock, under the project root
 TAIL_LINES = 20  # of a stage's output, kept for the error when it fails
+# Seconds a stopped `dvc repro` gets to stop its stage command and release DVC's locks before
+# SIGKILL: DVC needs well under one; an interrupted run must exit within 10 s in all.
+STOP_GRACE_S = 3.0
+STOPPED_NOTE = "graft: stage {stage} was stopped with its whole process tree"
+_STOPPED_PATTERN = re.compile(re.escape(STOPPED_NOTE).replace(re.escape("{stage}"), "(.+)"))
 
 
 class StageFailed(RuntimeError):
@@ -95,40 +109,114 @@ def is_up_to_date(root: Path, stage: str) -> bool:
 
 
 def _repro(root: Path, stage: str, force: bool, timeout_s: float) -> tuple[int, list[str]]:
-    """Run `dvc repro` for one stage, streaming its output; kill its process tree on timeout.
+    """Run `dvc repro` for one stage, streaming its output, and stop it with its whole process
+    tree however the wait ends: past ``timeout_s`` seconds, or by any exception (Ctrl-C,
+    SIGTERM, Prefect's TerminationSignal or cancellation), which then propagates with a note
+    naming the stage (see :func:`stopped_stage`).
 
-    Returns the exit code and the last output lines.
+    Returns the exit code and the last output lines. Raises what interrupted the wait, and
+    OSError when `dvc repro` cannot be started or its session not recorded.
     """
     logger = get_run_logger()
     args = ["repro", "--single-item", stage] + (["--force"] if force else [])
     logger.info("%s: running `%s`", stage, " ".join(["dvc", *args]))
-    # A session of its own, so a timeout can kill dvc and the stage command it started. The
+    tail: list[str] = []
+    timed_out = threading.Event()
+
+    def time_out() -> None:
+        timed_out.set()
+        _stop(process)
+
+    timer = threading.Timer(timeout_s, time_out)
+    keep_whole_copy(root)  # DVC rewrites dvc.lock in place: killed mid-write, it is cut short
+    # A session of its own, so that it can be stopped whole (dvc and the stage command it
+    # started) and a terminal's Ctrl-C reaches only graft, which then stops it in order. The
     # stage commands call `python`: this environment's, as `dvc repro` by hand would use.
     process = subprocess.Popen(
         dvc_command(*args), cwd=root, env=env_with_this_python(), stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True,
     )  # fmt: skip
-    killed = threading.Event()
-    timer = threading.Timer(timeout_s, _kill_tree, args=(process, killed))
-    timer.start()
-    tail: list[str] = []
-    try:
+    try:  # at once: from here on, however this ends, the session is stopped
+        record_stage_session(root, stage, process.pid)
+        timer.start()
         assert process.stdout is not None
         for line in process.stdout:
             logger.info("%s | %s", stage, line.rstrip())
             tail = [*tail[-(TAIL_LINES - 1) :], line.rstrip()]
         code = process.wait()
+    except BaseException as error:  # Ctrl-C, SIGTERM, a cancelled run, a failed note
+        logger.warning(
+            "%s: stopping `dvc repro` and its stage command (%s)", stage, type(error).__name__
+        )
+        error.add_note(STOPPED_NOTE.format(stage=stage))
+        raise
     finally:
         timer.cancel()
-    if killed.is_set():
-        tail.append(f"timed out after {timeout_s:g}s: killed with its whole process tree")
+        try:
+            _stop(process)  # nothing to do when it ended by itself, with all it started
+        finally:
+            forget_stage_session(root)
+            if process.stdout is not None:
+                process.stdout.close()
+            if process.returncode != 0:  # stopped, or failed: perhaps while writing dvc.lock
+                _repair_dvc_files(root, stage)
+    if timed_out.is_set():
+        tail.append(f"timed out after {timeout_s:g}s: stopped with its whole process tree")
     return code, tail
 
 
-def _kill_tree(process: subprocess.Popen[str], killed: threading.Event) -> None:
-    killed.set()
-    with suppress(ProcessLookupError):  # already gone
-        os.killpg(process.pid, signal.SIGKILL)
+def _repair_dvc_files(root: Path, stage: str) -> None:
+    """:func:`repair_dvc_files`, its repairs logged; while a stage is being stopped, its own
+    failure is logged too rather than raised over what stopped the stage."""
+    logger = get_run_logger()
+    try:
+        for line in repair_dvc_files(root):
+            logger.warning("%s: %s", stage, line)
+    except Exception as error:  # logged, never raised instead of what stopped the stage
+        logger.error("%s: could not check DVC's files after the stage: %s", stage, error)
+
+
+def _stop(process: subprocess.Popen[str]) -> None:
+    # SIGINT is what `dvc repro` expects from a Ctrl-C: it passes it on to the stage command,
+    # waits for it, then releases its locks. SIGKILL if that takes longer than the grace.
+    stop_session(process, STOP_GRACE_S, first_signal=signal.SIGINT)
+
+
+@contextmanager
+def _hangup_raises() -> Iterator[None]:
+    """While a stage task runs, a SIGHUP that would kill this process outright (the default,
+    as in a worker's flow-run process) raises Prefect's TerminationSignal instead, as Prefect
+    does for SIGTERM: the stage is stopped and the run reported Crashed, then Prefect signals
+    the process again, which then ends as SIGHUP ends it. `graft run` handles SIGHUP itself."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if not in_main_thread or signal.getsignal(signal.SIGHUP) is not signal.SIG_DFL:
+        yield
+        return
+
+    def terminate(signum: int, frame: object) -> None:
+        raise TerminationSignal(signal=signum)
+
+    signal.signal(signal.SIGHUP, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
+def stopped_stage(error: BaseException) -> str | None:
+    """The stage that :func:`_repro` stopped because of ``error``, or of an exception it was
+    raised while handling (a signal delivered twice, as Prefect does with SIGTERM); None when
+    no stage was running. Raises nothing."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        for note in getattr(current, "__notes__", []):
+            found = _STOPPED_PATTERN.fullmatch(note)
+            if found:
+                return found.group(1)
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def retry_if_dvc_locked(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
@@ -146,23 +234,23 @@ def retry_if_dvc_locked(task: Task[..., Any], task_run: TaskRun, state: State[An
 def run_stage(root: Path, stage: str, *, force: bool, timeout_s: float) -> StageResult:
     """Run ``stage`` of the project ``root`` unless DVC reports it up to date (or ``force``).
 
-    Streams the stage's output into the Prefect log and kills it, with its whole process
-    tree, after ``timeout_s`` seconds. Returns what was done. Raises DvcLocked when `dvc
-    repro` found the repository locked by another DVC command (the one failure retried, see
-    :func:`stage_task`), StageFailed when the stage failed or timed out, and DVC's LockError
-    when the repository is locked while DVC is asked whether the stage is up to date.
+    Streams the stage's output into the Prefect log and stops it, with its whole process
+    tree, after ``timeout_s`` seconds or when the task is interrupted. Returns what was done.
+    Raises DvcLocked when another DVC command holds the repository lock, while DVC is asked
+    whether the stage is up to date or during `dvc repro` (the one failure retried, see
+    :func:`stage_task`), StageFailed when the stage failed or timed out, and what
+    interrupted it (KeyboardInterrupt, TerminationSignal) with the stage named in a note.
     """
     logger = get_run_logger()
     context = TaskRunContext.get()
     assert context is not None  # a task's body always runs in its task run's context
     # Prefect sets the start before the first attempt's body runs; it stays across retries.
     started = context.task_run.start_time or datetime.now(UTC)
-    # A retry follows a `dvc repro` that found DVC's lock held: asking DVC again whether the
-    # stage is up to date would need that same lock, so a retry goes straight to `dvc repro`.
-    if context.task_run.run_count <= 1 and not force and is_up_to_date(root, stage):
-        logger.info("%s: up to date (DVC cache)", stage)
-        return StageResult(stage, ran=False, seconds=_seconds_since(started))
-    code, tail = _repro(root, stage, force, timeout_s)
+    with _hangup_raises():
+        if not force and _up_to_date_unless_locked(root, stage):
+            logger.info("%s: up to date (DVC cache)", stage)
+            return StageResult(stage, ran=False, seconds=_seconds_since(started))
+        code, tail = _repro(root, stage, force, timeout_s)
     if code == 0:
         return StageResult(stage, ran=True, seconds=_seconds_since(started))
     last_lines = "\n".join(tail)
@@ -171,6 +259,35 @@ def run_stage(root: Path, stage: str, *, force: bool, timeout_s: float) -> Stage
         logger.warning("%s: another DVC command holds the repository lock", stage)
         raise DvcLocked(message)
     raise StageFailed(message)
+
+
+def _up_to_date_unless_locked(root: Path, stage: str) -> bool:
+    """:func:`is_up_to_date`, with DVC's LockError turned into one clear log line and
+    DvcLocked, which the stage task retries after a wait. A lock left by a DVC process that
+    died is no obstacle: it is an fcntl lock, which the kernel released with the process."""
+    from dvc.lock import LockError
+
+    try:
+        return is_up_to_date(root, stage)
+    except LockError:
+        holder = _dvc_lock_holder(root)
+        get_run_logger().warning(
+            "%s: another DVC command (%s) holds the repository lock; waiting to retry",
+            stage,
+            holder,
+        )
+        raise DvcLocked(f"stage {stage!r}: another DVC command holds the repository lock") from None
+
+
+def _dvc_lock_holder(root: Path) -> str:
+    """Who holds DVC's repository lock, as well as can be told: "pid N: its command line"
+    (zc.lockfile, DVC's lock, writes the holder's pid into the file)."""
+    try:
+        pid = int((root / DVC_LOCK_FILE).read_text(encoding="utf-8").split()[0])
+        command = " ".join(" ".join(psutil.Process(pid).cmdline()).split())  # on one line
+    except (OSError, ValueError, IndexError, psutil.Error):
+        return "unknown process"
+    return f"pid {pid}: {command[:80]}{'...' if len(command) > 80 else ''}"
 
 
 def stage_task(stage: str, lock_retries: int) -> Task[..., StageResult]:

@@ -11,7 +11,13 @@ import os
 import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
+from typing import Any
+
+import psutil
 
 
 def env_with_this_python(base: dict[str, str] | None = None) -> dict[str, str]:
@@ -66,17 +72,75 @@ def start_in_own_session(
         )  # fmt: skip
 
 
-def stop_session(process: subprocess.Popen[bytes], wait_s: float = 30) -> None:
-    """Stop a process started by :func:`start_in_own_session`, with everything it started.
+def stop_session(
+    process: subprocess.Popen[Any], wait_s: float = 30, first_signal: int = signal.SIGTERM
+) -> None:
+    """Stop a process started in a session of its own (:func:`start_in_own_session`, or
+    ``Popen(..., start_new_session=True)``), with everything still running in its process
+    group.
 
-    SIGTERM to its whole session, then SIGKILL if the process has not exited after ``wait_s``
-    seconds. Waits for it, so ``process.returncode`` is set on return; a process that had
-    already exited is left alone. Raises nothing for a session that is already gone.
+    ``first_signal`` (default SIGTERM) to the whole group, then SIGKILL to whatever of it is
+    still running after ``wait_s`` seconds, or at once when the wait is interrupted (a second
+    Ctrl-C: the exception propagates once the group is killed). Waits for the process, so
+    ``process.returncode`` is set on return. A group with nothing left running is left alone.
+    Raises nothing for a group that is already gone; re-raises what interrupted the wait.
     """
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=wait_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+    try:
+        stop_process_group(process.pid, wait_s, first_signal, reap=process.poll)
+    finally:
+        if process.poll() is None:  # SIGKILL just sent, or a second interrupt: reap it
             process.wait()
+
+
+def stop_process_group(
+    pgid: int,
+    wait_s: float,
+    first_signal: int = signal.SIGTERM,
+    reap: Callable[[], object] = lambda: None,
+) -> bool:
+    """Stop every process of the process group ``pgid``: ``first_signal`` to the group, then
+    SIGKILL to what is left after ``wait_s`` seconds, or at once when the wait is interrupted
+    (the exception then propagates). ``reap`` is called while waiting: the leader's
+    ``Popen.poll`` when it is this process's child, so that it does not linger as a zombie.
+
+    Returns False when nothing of the group was running (zombies count as gone), True when
+    it was signalled. Raises PermissionError for a group of another user's processes.
+    """
+    reap()
+    if not group_running(pgid):
+        return False
+    try:
+        _signal_group(pgid, first_signal)
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            reap()
+            if not group_running(pgid):
+                return True
+    finally:  # the grace ran out, or a second interrupt cut it short
+        if group_running(pgid):
+            _signal_group(pgid, signal.SIGKILL)
+    return True
+
+
+def group_running(pgid: int) -> bool:
+    """Whether any process of the process group ``pgid`` is still running; zombies (exited,
+    waiting to be reaped by a parent that may never do so) do not count. Raises nothing."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, owned by another user; look closer
+    for found in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(found.pid) == pgid and found.info["status"] != psutil.STATUS_ZOMBIE:
+                return True
+        except (ProcessLookupError, psutil.Error):  # exited while we looked
+            continue
+    return False
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    with suppress(ProcessLookupError):  # it exited meanwhile
+        os.killpg(pgid, signum)

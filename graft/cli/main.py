@@ -9,9 +9,10 @@ import signal
 import sys
 import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from graft.cli.registry import add_commands as add_registry_commands
 from graft.config.params import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, DEFAULT_PARAMS, load_params
@@ -80,48 +81,152 @@ def use_project_code(root: Path) -> None:
 
 
 def _run(arguments: argparse.Namespace) -> None:
-    use_project_code(arguments.root)
-    from flows.pipeline import pipeline  # Prefect only when asked for
-    from flows.stages import StageFailed
-
+    # Ctrl-C, SIGTERM and SIGHUP (a closed terminal) all unwind through the finally blocks
+    # below: the running stage's process tree is stopped, the run reported, and a temporary
+    # server stopped. Only the first counts; later ones would cut that clean-up short.
+    raise_on_signals(STOP_SIGNALS, Interrupted, once=True, signal_of=_stop_signal, quiet=True)
+    phase = ["before the flow run started; nothing ran"]  # how far it got, for an interrupt
     try:
-        results = pipeline(
-            root=str(arguments.root),
-            stages=arguments.stages or None,
-            force=arguments.force,
-            publish=arguments.publish,
-            publish_bump=arguments.bump,
-            publish_stage=arguments.stage,
-        )
-    except StageFailed as error:
-        raise GraftError(str(error)) from None
+        results = _run_flow(arguments, phase)
+    except BaseException as stop:
+        signum = _stop_signal(stop)
+        if signum is None:
+            raise
+        name = signal.Signals(signum).name
+        print(f"interrupted by {name}: {_stopped(stop, phase[0])}", file=sys.stderr)
+        sys.exit(128 + signum)  # the shell's convention: 130 for Ctrl-C
     for result in results:
         state = "ran" if result.ran else "up to date (DVC cache)"
         print(f"{result.stage}: {state} ({result.seconds:.1f}s)")
 
 
-def exit_cleanly_on_sigterm(redeliver_after_s: float = 0.05) -> None:
-    """From now on, SIGTERM raises SystemExit(0) in the main thread, so that ``finally`` blocks
-    run, until another handler replaces this one.
+def _run_flow(arguments: argparse.Namespace, phase: list[str]) -> list[Any]:
+    """The pipeline flow as ``graft run`` runs it, against a temporary Prefect server when
+    PREFECT_API_URL is not set; ``phase[0]`` says how far it got. Returns the stage results.
+    Raises GraftError for a failed stage or a server that did not start."""
+    use_project_code(arguments.root)
+    from flows.local_server import ServerDidNotStart, run_api  # Prefect only when asked for
+    from flows.pipeline import pipeline
+    from flows.stages import StageFailed
+
+    log = arguments.root / ".graft" / "prefect-server.log"
+    try:
+        with run_api(log, announce=lambda line: print(line, file=sys.stderr)):
+            phase[0] = "the flow run is marked Crashed"
+            results = pipeline(
+                root=str(arguments.root),
+                stages=arguments.stages or None,
+                force=arguments.force,
+                publish=arguments.publish,
+                publish_bump=arguments.bump,
+                publish_stage=arguments.stage,
+            )
+            phase[0] = "after the flow run finished"
+    except (StageFailed, ServerDidNotStart) as error:
+        raise GraftError(str(error)) from None
+    return results if isinstance(results, list) else []
+
+
+def _stopped(stop: BaseException, phase: str) -> str:
+    """What an interrupt stopped, for its one line: the stage, if one was running."""
+    from flows.stages import stopped_stage
+
+    stage = stopped_stage(stop)
+    if stage is None:
+        return phase
+    return f"stage {stage} was stopped with its whole process tree; {phase}"
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal (SIGINT, SIGTERM, SIGHUP) raised as an exception in the main thread.
+
+    A KeyboardInterrupt, so that code which treats Ctrl-C specially (Prefect marks the run
+    Crashed) treats every stop signal alike. ``signum``: the signal's number.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _stop_signal(error: BaseException) -> int | None:
+    """The signal behind ``error`` when it is an interrupt (ours, Ctrl-C's, or the
+    TerminationSignal Prefect raises for SIGTERM during a flow run), else None."""
+    prefect_exceptions = sys.modules.get("prefect.exceptions")  # not imported: not raised
+    if isinstance(error, Interrupted):
+        return error.signum
+    if prefect_exceptions and isinstance(error, prefect_exceptions.TerminationSignal):
+        return int(error.signal)
+    if isinstance(error, KeyboardInterrupt):
+        return signal.SIGINT
+    return None
+
+
+def raise_on_signals(
+    signals: Iterable[int],
+    exception: Callable[[int], BaseException],
+    *,
+    once: bool = False,
+    redeliver_after_s: float = 0.05,
+    signal_of: Callable[[BaseException], int | None] | None = None,
+    quiet: bool = False,
+) -> None:
+    """From now on, each of ``signals`` raises ``exception(signum)`` in the main thread, so
+    that ``finally`` blocks run, until another handler replaces this one. With ``once``, only
+    the first one does and later ones are ignored: the process is already on its way out,
+    and an exception in the middle of its clean-up (stopping child processes, reporting how
+    the run ended) would leave that half done.
 
     Python runs a signal handler between any two bytecodes of the main thread, inside an
-    object's finalizer (``__del__``) too, where it reports the SystemExit as unraisable and
-    drops it: the process would go on as if never signalled. A dropped SystemExit is therefore
-    sent again as SIGTERM ``redeliver_after_s`` seconds later, from another thread, by when the
-    main thread has left the finalizer. Replaces ``sys.unraisablehook`` with one that does this
-    and then calls the previous hook. Returns nothing; raises nothing.
+    object's finalizer (``__del__``) too, where it reports the exception as unraisable and
+    drops it: the process would go on as if never signalled. A dropped exception is therefore
+    signalled again ``redeliver_after_s`` seconds later, from another thread, by when the main
+    thread has left the finalizer. ``signal_of`` extends this to exceptions that other
+    handlers raise for a signal (Prefect's TerminationSignal, for SIGTERM during a flow run):
+    it returns the signal behind an exception, or None. Replaces ``sys.unraisablehook`` with
+    one that does this and then calls the previous hook, which prints the dropped exception
+    with its traceback; with ``quiet``, not for one that is signalled again. Returns nothing.
+    Raises ValueError outside the main thread.
     """
     report = sys.unraisablehook
+    raised: list[tuple[BaseException, int]] = []  # the last exception raised, and its signal
+
+    def handler(signum: int, frame: object) -> None:
+        if once and raised:
+            return
+        error = exception(signum)
+        raised[:] = [(error, signum)]
+        raise error
 
     def redeliver_if_dropped(unraisable: sys.UnraisableHookArgs) -> None:
-        if isinstance(unraisable.exc_value, SystemExit):
-            redelivery = threading.Timer(redeliver_after_s, os.kill, (os.getpid(), signal.SIGTERM))
+        dropped = unraisable.exc_value
+        signum = None
+        if raised and dropped is raised[0][0]:
+            signum = raised[0][1]
+            raised.clear()  # not delivered after all: the next one must raise
+        elif dropped is not None and signal_of is not None:
+            signum = signal_of(dropped)
+        if signum is not None:
+            redelivery = threading.Timer(redeliver_after_s, os.kill, (os.getpid(), signum))
             redelivery.daemon = True  # never what keeps the process alive
             redelivery.start()
+            if quiet:
+                return
         report(unraisable)
 
+    for signum in signals:
+        signal.signal(signum, handler)
     sys.unraisablehook = redeliver_if_dropped
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+
+
+def exit_cleanly_on_sigterm(redeliver_after_s: float = 0.05) -> None:
+    """From now on, SIGTERM raises SystemExit(0) in the main thread, so that ``finally`` blocks
+    run, until another handler replaces this one; a SIGTERM that lands in a finalizer is
+    redelivered (see :func:`raise_on_signals`). Returns nothing; raises nothing."""
+    raise_on_signals([signal.SIGTERM], lambda _: SystemExit(0), redeliver_after_s=redeliver_after_s)
 
 
 def _serve(arguments: argparse.Namespace) -> None:
