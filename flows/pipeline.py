@@ -13,9 +13,14 @@ from pathlib import Path
 from typing import Literal
 
 from prefect import flow, task
+from prefect.client.schemas.objects import State
+from prefect.context import FlowRunContext
 from prefect.logging import get_run_logger
+from prefect.states import Cancelled
 
 from flows.artifacts import publish_run_artifacts
+from flows.crash_detection import check_heartbeat, ensure_crash_automation
+from flows.missed_runs import MissedRuns, skip_reason
 from flows.stages import StageFailed, StageResult, stage_order, stage_task
 from flows.workspace import workspace_lock
 from graft.config.checks import check_machine
@@ -65,7 +70,9 @@ def pipeline(
     publish_bump: Literal["patch", "minor", "major"] = "patch",
     publish_stage: str | None = None,
     wait_for_workspace_s: float = 0.0,
-) -> list[StageResult]:
+    missed_runs: MissedRuns = "latest",
+    missed_after_s: float = 3600.0,
+) -> list[StageResult] | State[None]:
     """Run the DVC pipeline in the project ``root``, one task per stage, in DVC's order.
 
     ``stages`` limits the run to those stages and what they depend on; ``force`` runs them
@@ -73,11 +80,27 @@ def pipeline(
     when one is configured. ``publish`` then registers the model as the next version
     (``publish_bump``), optionally assigning it ``publish_stage``, exactly as `graft publish`
     does. ``wait_for_workspace_s``: seconds to wait for another run in the same workspace.
+    ``missed_runs`` and ``missed_after_s`` (seconds): what a scheduled run that came due while
+    nothing ran the deployment does (flows/missed_runs.py); a run they skip returns a Cancelled
+    state saying why, before any other work. A deployment's run first checks its heartbeat
+    setting and keeps the server's crash automation in place (flows/crash_detection.py).
     Returns one result per stage run, in order. Raises ParamsError for bad params.yaml,
     ValueError for unknown stage names, WorkspaceBusy when the wait runs out, StageFailed
-    (DvcLocked once lock retries are exhausted) when a stage or publish fails, and
-    subprocess.CalledProcessError when `dvc pull`/`dvc push` fails.
+    (DvcLocked once lock retries are exhausted) when a stage or publish fails,
+    subprocess.CalledProcessError when `dvc pull`/`dvc push` fails; HeartbeatMisconfigured when
+    a deployment's run sends heartbeats too rarely for crash detection.
     """
+    logger = get_run_logger()
+    context = FlowRunContext.get()
+    flow_run = context.flow_run if context else None
+    skipped = skip_reason(flow_run, missed_runs, missed_after_s)
+    if skipped:
+        logger.info("%s", skipped)
+        return Cancelled(message=skipped)
+    if flow_run is not None and flow_run.deployment_id is not None:
+        check_heartbeat()  # before the automation could take a live run for a dead one
+        if ensure_crash_automation():
+            logger.info("crash detection: the server's automation was created or updated")
     project = Path(root).resolve()
     params = load_params(project / "params.yaml")  # bad params fail before any stage runs
     check_machine(params, project, origin=str(project / "params.yaml"))

@@ -8,19 +8,35 @@ The workspace is the project root it was started for.
 
 from __future__ import annotations
 
+import os
+from contextlib import suppress
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
+import psutil
 import yaml
 from prefect import serve
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.objects import ConcurrencyLimitConfig
+from prefect.client.schemas.filters import (
+    DeploymentFilter,
+    DeploymentFilterId,
+    FlowRunFilter,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+)
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, StateType
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 from prefect.exceptions import ObjectNotFound
 from prefect.schedules import Cron, Interval, RRule, Schedule
+from prefect.states import Crashed
 
+from flows.crash_detection import HEARTBEAT_ENV
 from flows.pipeline import pipeline
+from flows.workspace import WorkspaceBusy, workspace_lock
+
+STOP_GRACE_S = 8.0  # a flow run's own SIGTERM handling stops its stage and reports; then SIGKILL
 
 
 class DeploymentSpecError(ValueError):
@@ -94,20 +110,76 @@ def deployments_for(root: Path) -> list[RunnerDeployment]:
 def serve_deployments(root: Path) -> None:
     """Serve prefect.yaml's deployments for the project ``root`` until stopped.
 
-    Registers them with the Prefect server at PREFECT_API_URL and runs their flow runs in this
-    process, one at a time; on the way out, however it stops, pauses their schedules. Returns
-    after Ctrl-C; a SIGTERM ends it with SystemExit(0) from Prefect's handler, which Prefect
-    installs only once the deployments are announced: an entry point that wants an earlier
-    SIGTERM to exit cleanly too must turn it into SystemExit itself (`graft serve` does).
-    Raises DeploymentSpecError for a deployment it cannot serve (see :func:`deployments_for`).
+    Registers them with the Prefect server at PREFECT_API_URL and runs their flow runs as
+    child processes of this one, one at a time, each sending the heartbeat crash detection
+    needs (sets PREFECT_FLOWS_HEARTBEAT_FREQUENCY in this process's environment for them). On
+    the way out, however it stops, it stops the runs still going (:func:`stop_flow_runs`) and
+    any stage they left running, and pauses the deployments' schedules. Returns after Ctrl-C;
+    a SIGTERM ends it with SystemExit(0) from Prefect's handler, which Prefect installs only
+    once the deployments are announced: an entry point that wants an earlier SIGTERM to exit
+    cleanly too must turn it into SystemExit itself (`graft serve` does). Raises
+    DeploymentSpecError for a deployment it cannot serve (see :func:`deployments_for`).
     """
     deployments = deployments_for(root)
+    os.environ.update(HEARTBEAT_ENV)  # inherited by the flow-run processes the runner starts
     try:
         serve(*deployments, limit=1)
     finally:
-        # Nothing runs these deployments once this process is gone: pause their schedules so
-        # runs do not pile up as Late. Serving again re-registers them with prefect.yaml's.
-        pause_schedules(pipeline.name, [d.name for d in deployments])
+        try:
+            stop_flow_runs([d.name for d in deployments])
+            # Prefect's runner may have killed a run's process before the run could stop its
+            # stage: taking the workspace, now free, stops such an orphan (flows/workspace.py).
+            with suppress(WorkspaceBusy), workspace_lock(root, wait_s=0):
+                pass
+        finally:
+            # Nothing runs these deployments once this process is gone: pause their schedules
+            # so runs do not pile up as Late. Serving again re-registers them as prefect.yaml has.
+            pause_schedules(pipeline.name, [d.name for d in deployments])
+
+
+def stop_flow_runs(deployments: list[str], grace_s: float = STOP_GRACE_S) -> list[UUID]:
+    """Stop the flow runs this process executes, and leave none of the served ``deployments``
+    (names, of the flow ``graft-pipeline``) with a run that is going but has no process.
+
+    The runner executes each run in a descendant process whose environment names the run
+    (PREFECT__FLOW_RUN_ID). Each gets SIGTERM, on which the flow stops its stage's process
+    tree and reports the run Crashed; one still alive after ``grace_s`` seconds gets SIGKILL.
+    Then every run of the deployments still Pending, Running or Cancelling on the server is
+    set Crashed: only this process runs them, so none of them has a process any more; this
+    releases their deployment's concurrency slot at once. Returns the ids of the runs set
+    Crashed. Raises Prefect's and httpx's errors when the server cannot be reached.
+    """
+    processes = []
+    for process in psutil.Process().children(recursive=True):
+        with suppress(psutil.Error):  # exited meanwhile, or not ours to read
+            if "PREFECT__FLOW_RUN_ID" in process.environ():
+                processes.append(process)
+    for process in processes:
+        with suppress(psutil.NoSuchProcess):  # exited since the listing
+            process.terminate()
+    _, alive = psutil.wait_procs(processes, timeout=grace_s)
+    for process in alive:
+        with suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(alive, timeout=grace_s)
+    crashed = []
+    going = FlowRunFilterStateType(
+        any_=[StateType.PENDING, StateType.RUNNING, StateType.CANCELLING]
+    )
+    with get_client(sync_client=True) as client:
+        for name in deployments:
+            try:
+                deployment = client.read_deployment_by_name(f"{pipeline.name}/{name}")
+            except ObjectNotFound:  # stopped before it was registered: nothing ran
+                continue
+            for flow_run in client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])),
+                flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=going)),
+            ):
+                message = "graft serve stopped while this run was going; its stage was stopped"
+                client.set_flow_run_state(flow_run.id, Crashed(message=message), force=True)
+                crashed.append(flow_run.id)
+    return crashed
 
 
 def pause_schedules(flow_name: str, names: list[str]) -> None:
