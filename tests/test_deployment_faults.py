@@ -152,7 +152,7 @@ def test_sigterm_to_graft_serve_ends_its_run_and_stops_its_stage(project: Projec
     _retrain(project, epochs=40)
     serve = serve_in_background(project, log)
     try:
-        stopped = project.trigger("on-demand")
+        stopped = project.trigger("on-demand", stages=["pretrain"])  # and what it needs
         _wait_for_resume_state(project.repo, "pretrain")
         signalled = time.monotonic()
         serve.send_signal(signal.SIGTERM)  # the service manager's stop, to serve alone
@@ -171,7 +171,7 @@ def test_sigterm_to_graft_serve_ends_its_run_and_stops_its_stage(project: Projec
 
     serve = serve_in_background(project, log)  # serving again: the next run is not held
     try:
-        again = project.wait(project.trigger("on-demand"))
+        again = project.wait(project.trigger("on-demand", stages=["pretrain"]))
         assert again.state is not None and again.state.is_completed(), project.logs(again.id)
         assert "pretrain: resuming after epoch" in project.logs(again.id, "resuming after epoch")
     finally:
