@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
 
 from graft.atomic import atomic_path
 from graft.config.yaml12 import parse_yaml
@@ -62,15 +61,18 @@ def repair_dvc_files(root: Path) -> list[str]:
     """Make the project ``root``'s dvc.lock and DVC rwlock readable again, if a killed DVC
     command left them broken (see the module's docstring).
 
-    Takes DVC's repository lock for the check; when another DVC command holds it, checks
-    nothing. Returns one line per repair made, for the caller to log; empty when none was
-    needed. Raises OSError when a file cannot be read or replaced.
+    Both files are read first; only when one is broken is DVC's repository lock taken, and
+    they are checked again under it; when another DVC command holds it, nothing is touched.
+    Returns one line per repair made, for the caller to log; empty when none was needed.
+    Raises OSError when a file cannot be read or replaced.
     """
     from dvc.lock import LockError
     from dvc.repo import Repo
 
     if not (root / ".dvc").is_dir():  # not a DVC project (yet): no DVC files to repair
         return []
+    if lockfile_is_whole(root / LOCKFILE) and _rwlock_is_whole(root / RWLOCK):
+        return []  # the usual case, at every run's start: no need to open the repository
     repairs: list[str] = []
     try:
         with Repo(str(root)) as repo, repo.lock:
@@ -100,17 +102,21 @@ def _repair_lockfile(root: Path) -> list[str]:
     ]
 
 
+def _rwlock_is_whole(path: Path) -> bool:
+    """Whether DVC can read its rwlock at ``path``: a JSON object, or no file at all."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return True
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
+
+
 def _repair_rwlock(root: Path) -> list[str]:
     rwlock = root / RWLOCK
-    try:
-        text = rwlock.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return []
-    try:
-        info: Any = json.loads(text)
-    except ValueError:
-        info = None
-    if isinstance(info, dict):
+    if _rwlock_is_whole(rwlock):
         return []
     rwlock.unlink()
     return [f"{RWLOCK} was cut short by a DVC command killed while writing it: removed it"]

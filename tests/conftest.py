@@ -1,10 +1,11 @@
-"""Shared fixtures: small real image folders, a params writer, a real git + DVC project copy."""
+"""Shared fixtures: small real image folders, a params writer, a real git + DVC project copy, a
+real Prefect server per module that asks for one."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import pytest
@@ -14,6 +15,9 @@ from helpers import copy_demo_subset, make_dvc_project, tiny_params
 from graft.config.params import Params, parse_params
 from graft.data.ingest import ingest
 from graft.data.split import make_splits
+
+if TYPE_CHECKING:
+    from deployed import Server
 
 
 @pytest.fixture
@@ -48,6 +52,15 @@ def dvc_project(tmp_path: Path, sources: Path) -> Path:
     The image sources live outside the repository, as a user's own folders would.
     """
     return make_dvc_project(tmp_path / "repo", sources)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A real Prefect server for the module that asks for it: one per module, not per test."""
+    from deployed import prefect_server  # Prefect only for the modules that need it
+
+    with prefect_server(tmp_path_factory.mktemp("prefect-home")) as started:
+        yield started
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

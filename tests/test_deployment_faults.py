@@ -27,7 +27,6 @@ from deployed import (
     deployed,
     first_scheduled_run,
     prefect_cli,
-    prefect_server,
     serve_in_background,
 )
 from helpers import poll_until, run
@@ -44,12 +43,6 @@ pytestmark = pytest.mark.slow
 # The bound the README promises from a crash to the next run starting, with Prefect's default
 # server settings (flows/crash_detection.py); this server asks for slots every 2 s, not 30.
 NEXT_RUN_BOUND_S = 120
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with prefect_server(tmp_path_factory.mktemp("prefect-home")) as started:
-        yield started
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ from deployed import (
     first_scheduled_run,
     nightly_schedule_active,
     prefect_cli,
-    prefect_server,
     serve_in_background,
 )
 from helpers import DEMO, run
@@ -30,12 +29,6 @@ from prefect.client.schemas.schedules import SCHEDULE_TYPES, IntervalSchedule
 from graft.processes import stop_session
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with prefect_server(tmp_path_factory.mktemp("prefect-home")) as started:
-        yield started
 
 
 @pytest.fixture(scope="module")
