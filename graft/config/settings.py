@@ -15,6 +15,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 DEFAULT_MIN_SIDE = 8
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold
+DEFAULT_DECODE_MEMORY_MB = 2048  # room for a max_pixels RGBA image and its conversions
+DEFAULT_DECODE_TIMEOUT_S = 60.0
+DEFAULT_PNG_MAX_TEXT_CHUNK = 1024 * 1024  # Pillow's own PngImagePlugin.MAX_TEXT_CHUNK
+DEFAULT_PNG_MAX_TEXT_MEMORY = 64 * 1024 * 1024  # Pillow's own PngImagePlugin.MAX_TEXT_MEMORY
+DEFAULT_NEAR_DUPLICATE_DISTANCE = 8  # bits of 64 in which two perceptual hashes may differ
 DEFAULT_CALIBRATION_BINS = 15  # as in Guo et al. 2017, the usual choice for ECE
 Role = Literal["pretrain", "target"]
 ROLES: tuple[Role, ...] = ("pretrain", "target")
@@ -79,15 +84,26 @@ class Sources(StrictModel):
 
 
 class Ingest(StrictModel):
-    """``ingest``: the sources and the limits behind the ``too_small``/``too_large`` verdicts.
+    """``ingest``: the sources, the limits behind the verdicts and the class contract.
 
-    ``min_side`` is in pixels, ``max_pixels`` is width x height in pixels; ``workers`` is the
-    number of verification threads, 0 for one per available core.
+    ``min_side`` is in pixels, ``max_pixels`` is width x height in pixels (Pillow's own
+    decompression-bomb guard is set to it too). Each file is decoded in a worker process whose
+    memory is capped at ``decode_memory_mb`` MiB and which is stopped after ``decode_timeout_s``
+    seconds on one file (verdicts ``too_large`` and ``timeout``). ``png_max_text_chunk`` and
+    ``png_max_text_memory`` (bytes) are Pillow's limits on one PNG text chunk and on all of a
+    file's text chunks. ``lost_class`` says what a class folder with no accepted image does:
+    ``fail`` the stage (the default) or ``warn``. ``workers`` is the number of verification
+    processes, 0 for one per available core.
     """
 
     sources: Sources
     min_side: int = Field(default=DEFAULT_MIN_SIDE, ge=1)
     max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1)
+    decode_memory_mb: int = Field(default=DEFAULT_DECODE_MEMORY_MB, ge=64)
+    decode_timeout_s: float = Field(default=DEFAULT_DECODE_TIMEOUT_S, gt=0)
+    png_max_text_chunk: int = Field(default=DEFAULT_PNG_MAX_TEXT_CHUNK, ge=1)
+    png_max_text_memory: int = Field(default=DEFAULT_PNG_MAX_TEXT_MEMORY, ge=1)
+    lost_class: Literal["fail", "warn"] = "fail"
     workers: int = Field(default=0, ge=0)  # 0: one per available core
 
 
@@ -109,11 +125,25 @@ class Fractions(StrictModel):
         return self
 
 
+class NearDuplicates(StrictModel):
+    """``split.near_duplicates``: how near-identical images are kept out of two splits.
+
+    Images whose 64-bit perceptual hashes differ in at most ``max_distance`` bits form one
+    group, and a group lands in one split. ``pretrain_overlap`` says what a target image that
+    also appears, exactly or nearly, in the pretraining corpus does: ``report`` it (split
+    report, metrics, model card) or ``exclude`` it from the target splits.
+    """
+
+    max_distance: int = Field(default=DEFAULT_NEAR_DUPLICATE_DISTANCE, ge=0, le=32)
+    pretrain_overlap: Literal["report", "exclude"] = "report"
+
+
 class Split(StrictModel):
-    """``split``: the fractions of each role."""
+    """``split``: the fractions of each role and the near-duplicate rule."""
 
     pretrain: Fractions
     target: Fractions
+    near_duplicates: NearDuplicates = NearDuplicates()
 
     def for_role(self, role: Role) -> Fractions:
         """The fractions of ``role`` (``"pretrain"`` or ``"target"``)."""

@@ -16,13 +16,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from graft.data.decoding import ImageCheck, check_image_bytes, pillow_refuses_above
+from graft.data.sources import SourceFile, display_name, scan_folder
 from graft.data.verify_cache import FileStat, VerifyCache, store_object
 from graft.hashing import sha256_hex
 from graft.progress import Progress
 
 # Bump when check_image_bytes would judge some bytes differently: old cached verdicts expire.
 CHECKER_VERSION = 2  # 2: files Pillow's guard refuses are too_large with its reason
-SYSTEM_FILES = frozenset({"thumbs.db", "desktop.ini", "icon\r"})
 CHUNK = 64  # files per task handed to a worker: amortises the hand-over
 
 
@@ -88,68 +88,6 @@ class FolderReport:
     def accepted(self) -> list[FileRecord]:
         """The records with verdict ``accepted``, in path order."""
         return [record for record in self.records if record.verdict == "accepted"]
-
-
-def display_name(name: str | Path) -> str:
-    """A file name as printable UTF-8 text; bytes that are not UTF-8 show as ``\\xNN``."""
-    return os.fsencode(name).decode("utf-8", "backslashreplace")
-
-
-def _is_hidden(name: str) -> bool:
-    return name.startswith(".") or name.lower() in SYSTEM_FILES
-
-
-@dataclass(frozen=True)
-class SourceFile:
-    """A file found under a class folder: its OS path, its printable relative path and label."""
-
-    path: str  # absolute, as the OS names it
-    relative: str  # relative to the source root, forward slashes, printable
-    label: str
-
-
-def scan_folder(root: Path) -> tuple[list[SourceFile], Counter[str]]:
-    """Every file under ``root``'s class folders in a stable order, plus counts of skipped files.
-
-    The order is by the raw bytes of each name, so it never depends on the disk or the locale.
-    Linked folders inside a class folder are not followed (links can loop). Raises OSError
-    when ``root`` cannot be listed.
-    """
-    # Plain strings rather than Path objects: on 25,000 files pathlib's overhead was most of
-    # an incremental run.
-    skipped: Counter[str] = Counter()
-    found: list[SourceFile] = []
-    base = os.path.abspath(root)
-    for entry in _sorted_entries(base):
-        if _is_hidden(entry.name):
-            skipped["hidden or system file"] += 1
-        elif not entry.is_dir():
-            skipped["file outside a class folder"] += 1
-        else:
-            _walk_files(entry.path, len(base) + 1, display_name(entry.name), found, skipped)
-    return found, skipped
-
-
-def _sorted_entries(folder: str) -> list[os.DirEntry[str]]:
-    # Sorted by the raw bytes of the name, so the order never depends on the disk or locale.
-    with os.scandir(folder) as entries:
-        return sorted(entries, key=lambda entry: os.fsencode(entry.name))
-
-
-def _walk_files(
-    folder: str, prefix: int, label: str, found: list[SourceFile], skipped: Counter[str]
-) -> None:
-    # ``prefix``: length of "<root>/", so a relative path is a slice, not an os.path.relpath.
-    for entry in _sorted_entries(folder):
-        if _is_hidden(entry.name):
-            skipped["hidden or system file"] += 1
-        elif entry.is_dir(follow_symlinks=False):
-            _walk_files(entry.path, prefix, label, found, skipped)
-        elif entry.is_symlink() and entry.is_dir():
-            skipped["linked folder, not followed"] += 1  # links can loop
-        else:
-            relative = display_name(entry.path[prefix:].replace(os.sep, "/"))
-            found.append(SourceFile(entry.path, relative, label))
 
 
 @dataclass(frozen=True)
