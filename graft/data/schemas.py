@@ -19,8 +19,10 @@ VERDICTS = (
     "zero_byte",
     "not_image",
     "corrupt",
+    "unsupported",
     "too_small",
     "too_large",
+    "timeout",
     "unreadable",
     "duplicate",
     "label_conflict",
@@ -28,6 +30,7 @@ VERDICTS = (
 SPLITS = ("train", "val", "test")
 
 _SHA256 = pa.Check.str_matches(r"^[0-9a-f]{64}$")
+_PHASH = pa.Check.str_matches(r"^[0-9a-f]{16}$")  # 64-bit perceptual hash, graft.data.near_duplicates
 _NON_EMPTY = pa.Check.str_length(min_value=1)
 
 MANIFEST = pa.DataFrameSchema(
@@ -41,6 +44,7 @@ MANIFEST = pa.DataFrameSchema(
         "mode": pa.Column(str, nullable=True),
         "format": pa.Column(str, nullable=True),
         "bytes": pa.Column("Int64", pa.Check.ge(0), nullable=True),
+        "phash": pa.Column(str, _PHASH, nullable=True),
         "verdict": pa.Column(str, pa.Check.isin(VERDICTS)),
         "reason": pa.Column(str, nullable=True),
     },

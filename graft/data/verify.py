@@ -66,6 +66,7 @@ class FileRecord:
     height: int | None = None
     mode: str | None = None
     format: str | None = None
+    phash: str | None = None  # accepted images: 64-bit perceptual hash, 16 hex digits
 
     @classmethod
     def of(cls, path: str, label: str, sha256: str, size: int, check: ImageCheck) -> FileRecord:
