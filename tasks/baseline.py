@@ -9,10 +9,10 @@ is graft.training.finetune's, with no backbone.
 
 from __future__ import annotations
 
-from graft.config.checks import check_arch
+from graft.config.architecture import check_arch
 from graft.config.params import load_params
 from graft.data import schemas
-from graft.data.decoding import set_pixel_limit
+from graft.data.decoding import PillowLimits, configure_pillow
 from graft.data.layout import manifest_path
 from graft.errors import run_main
 from graft.training.determinism import use_deterministic_kernels
@@ -25,7 +25,7 @@ def main() -> None:
     use_deterministic_kernels()
     params = load_params()
     check_arch(params)  # before any work: pretrain.arch must be known to torchvision
-    set_pixel_limit(params.ingest.max_pixels)  # Pillow's guard, at the ingest setting
+    configure_pillow(PillowLimits.of(params.ingest))  # as ingest decoded
     splits = schemas.read_table(params.paths.split.splits, schemas.SPLITS_TABLE)
     dataset, arch = params.paths.ingest.dataset, params.pretrain.arch
     run_training_stage(

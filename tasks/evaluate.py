@@ -11,7 +11,7 @@ import sys
 from graft import atomic
 from graft.config.params import load_params
 from graft.data import schemas
-from graft.data.decoding import set_pixel_limit
+from graft.data.decoding import PillowLimits, configure_pillow
 from graft.errors import run_main
 from graft.evaluation.evaluate import evaluate_checkpoints
 from graft.evaluation.misclassified import write_grid
@@ -25,7 +25,7 @@ def main() -> None:
     when a checkpoint is missing or the baseline does not fit the fine-tuned model.
     """
     params = load_params()
-    set_pixel_limit(params.ingest.max_pixels)  # Pillow's guard, at the ingest setting
+    configure_pillow(PillowLimits.of(params.ingest))  # as ingest decoded
     # The library seeds only within its own calls; the kernel choice is this process's.
     use_deterministic_kernels()
     splits = schemas.read_table(params.paths.split.splits, schemas.SPLITS_TABLE)

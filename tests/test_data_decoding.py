@@ -11,9 +11,10 @@ import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
-from graft.data.decoding import check_image_bytes, pillow_refuses_above, set_pixel_limit
+from graft.data.decoding import PillowLimits, configure_pillow, pillow_refuses_above
+from graft.data.image_check import check_image_bytes
 from graft.data.verify import CHECKER_VERSION, CheckSettings
 
 PILLOW_DEFAULT = 89_478_485  # Image.MAX_IMAGE_PIXELS as Pillow ships it
@@ -53,7 +54,7 @@ def pillow_default(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_importing_the_library_leaves_pillows_guard_alone() -> None:
     code = (
         "from PIL import Image; shipped = Image.MAX_IMAGE_PIXELS; "
-        "import graft.data.decoding, graft.data.verify, graft.data.ingest, "
+        "import graft.data.decoding, graft.data.image_check, graft.data.verify, graft.data.ingest, "
         "graft.evaluation.misclassified; "
         "print(shipped, Image.MAX_IMAGE_PIXELS)"
     )
@@ -88,11 +89,14 @@ def test_a_file_pillow_refuses_is_too_large_naming_pillows_limit() -> None:
 
 
 @pytest.mark.usefixtures("pillow_default")
-def test_set_pixel_limit_gives_verdicts_not_warnings() -> None:
+def test_configure_pillow_gives_verdicts_not_warnings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(PngImagePlugin, "MAX_TEXT_CHUNK", PngImagePlugin.MAX_TEXT_CHUNK)
+    monkeypatch.setattr(PngImagePlugin, "MAX_TEXT_MEMORY", PngImagePlugin.MAX_TEXT_MEMORY)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        set_pixel_limit(1_000)
+        configure_pillow(PillowLimits(1_000, png_max_text_chunk=500, png_max_text_memory=900))
         assert Image.MAX_IMAGE_PIXELS == 1_000 and pillow_refuses_above() == 2_000
+        assert (PngImagePlugin.MAX_TEXT_CHUNK, PngImagePlugin.MAX_TEXT_MEMORY) == (500, 900)
         limits = {"min_side": 8, "max_pixels": 1_000}
         assert check_image_bytes(png(30, 30), **limits).verdict == "accepted"
         between = check_image_bytes(png(40, 40), **limits)  # Pillow would only warn
@@ -104,22 +108,23 @@ def test_set_pixel_limit_gives_verdicts_not_warnings() -> None:
     )
     assert beyond.verdict == "too_large"
     assert "Pillow's decompression-bomb limit of 2000 pixels" in beyond.reason
-    with pytest.raises(ValueError, match="max_pixels must be >= 1"):
-        set_pixel_limit(0)
+    with pytest.raises(ValueError, match="every Pillow limit must be >= 1"):
+        configure_pillow(PillowLimits(0))
 
 
-def test_cache_key_names_pillows_limit_only_where_it_changes_verdicts(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000)
-    assert (
-        CheckSettings(min_side=8, max_pixels=2_000).key()
-        == f"v{CHECKER_VERSION}:min_side=8:max_pixels=2000"
+def test_cache_key_names_every_setting_behind_a_verdict_but_the_time_limit() -> None:
+    base = CheckSettings(min_side=8, max_pixels=2_000)
+    assert base.key() == (
+        f"v{CHECKER_VERSION}:min_side=8:max_pixels=2000:png_max_text_chunk=1048576"
+        ":png_max_text_memory=67108864:decode_memory_mb=2048"
     )
-    allows_more = CheckSettings(min_side=8, max_pixels=2_001).key()
-    assert allows_more == f"v{CHECKER_VERSION}:min_side=8:max_pixels=2001:pillow_refuses_above=2000"
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
-    assert (
-        CheckSettings(min_side=8, max_pixels=10**12).key()
-        == f"v{CHECKER_VERSION}:min_side=8:max_pixels=1000000000000"
-    )
+    changed = [
+        CheckSettings(9, 2_000),
+        CheckSettings(8, 2_001),
+        CheckSettings(8, 2_000, decode_memory_mb=1024),
+        CheckSettings(8, 2_000, png_max_text_chunk=1),
+        CheckSettings(8, 2_000, png_max_text_memory=1),
+    ]
+    assert len({base.key(), *(settings.key() for settings in changed)}) == 1 + len(changed)
+    # timeout verdicts depend on the machine's load: never cached, so not in the key
+    assert CheckSettings(8, 2_000, decode_timeout_s=1).key() == base.key()

@@ -8,8 +8,8 @@ import numpy as np
 from helpers import DEMO
 from PIL import Image
 
-from graft.data.decoding import check_image_bytes
 from graft.data.demo import write_demo
+from graft.data.image_check import check_image_bytes
 
 LIMITS = {"min_side": 8, "max_pixels": 1_000_000}
 

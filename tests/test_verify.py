@@ -129,7 +129,9 @@ def odd_but_valid_images() -> dict[str, bytes]:
     rgba = Image.new("RGBA", (20, 10), (255, 0, 0, 128))
     palette = Image.new("P", (20, 10), 1)
     palette.putpalette([0, 0, 0, 200, 10, 10] + [0] * 762)
-    sixteen = Image.fromarray(np.full((10, 20), 40000, dtype=np.uint16))
+    sixteen_values = np.full((10, 20), 40000, dtype=np.uint16)
+    sixteen_values[:, 10:] = 20000  # its own range, 20000 to 40000, is what becomes 0 to 255
+    sixteen = Image.fromarray(sixteen_values)
     rotated = Image.new("RGB", (20, 10), (0, 0, 255))
     exif = rotated.getexif()
     exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
@@ -154,7 +156,8 @@ def test_unusual_valid_forms_are_accepted_and_normalised(tmp_path: Path) -> None
     def decoded(name: str) -> np.ndarray:
         return load_rgb(root / "odd" / name, size=16)
 
-    assert decoded("sixteen-bit.png")[0, 0].tolist() == [156, 156, 156]  # 40000/65535, not 255
+    assert decoded("sixteen-bit.png")[0, 0].tolist() == [255, 255, 255]  # its maximum
+    assert decoded("sixteen-bit.png")[0, -1].tolist() == [0, 0, 0]  # its minimum
     assert decoded("rgba.png")[0, 0].tolist() == [128, 0, 0]  # half-transparent red on black
     assert decoded("palette-transparent.png")[0, 0].tolist() == [200, 10, 10]
     assert decoded("animated.gif")[0, 0].tolist() == [50, 50, 50]  # first frame

@@ -1,56 +1,73 @@
-"""Opening image bytes defensively: full-decode checks and decoding for training.
+"""Decoding images as every stage sees them: the first frame, upright, 8-bit RGB, resized.
 
-``Image.verify()`` only parses headers and passes truncated files, so every check here is a
-full decode of the (first) frame.
+Ingest's check (graft.data.image_check) runs :func:`upright_rgb` on every file, and training
+(:func:`load_rgb`) runs it again on the files the check accepted, so an accepted file always
+decodes in training.
 
-Pillow's decompression-bomb guard (``Image.MAX_IMAGE_PIXELS``) stays on: the library never
-changes that process-wide setting. :func:`check_image_bytes` enforces its own ``max_pixels``
-from the header before decoding, and gives a file that Pillow's guard refuses the verdict
-``too_large`` too. Entry points that want Pillow's limit to match theirs call
-:func:`set_pixel_limit`.
+Pillow's process-wide settings (its decompression-bomb guard, its PNG text limits, the HEIF
+opener) are set only by :func:`configure_pillow`, which entry points call: nothing here
+changes them on import.
 """
 
 from __future__ import annotations
 
-import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin
+
+from graft.config.settings import Ingest
+
+HIGH_BIT_DEPTH_GRAY = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+COLLAPSED_LEVELS = 32  # fewer distinct 8-bit values than this after conversion: warned
 
 
 @dataclass(frozen=True)
-class ImageCheck:
-    """What one file's bytes turned out to be.
+class PillowLimits:
+    """Pillow's safety limits, as params set them (``ingest.*``).
 
-    ``verdict`` is ``"accepted"`` or a rejection verdict of graft.data.schemas.VERDICTS, with
-    its ``reason`` (empty when accepted). Width and height (pixels), mode and format come from
-    the header, and are None when the header could not be read.
+    ``max_pixels`` is width x height (Pillow's decompression-bomb guard refuses above twice
+    it, and graft's check above it); ``png_max_text_chunk`` is the largest decompressed PNG
+    text chunk and ``png_max_text_memory`` the most text of one PNG, both in bytes.
     """
 
-    verdict: str
-    reason: str
-    width: int | None = None
-    height: int | None = None
-    mode: str | None = None
-    format: str | None = None
+    max_pixels: int
+    png_max_text_chunk: int = PngImagePlugin.MAX_TEXT_CHUNK
+    png_max_text_memory: int = PngImagePlugin.MAX_TEXT_MEMORY
+
+    @classmethod
+    def of(cls, ingest: Ingest) -> PillowLimits:
+        """The limits params.yaml's ``ingest`` section sets."""
+        return cls(ingest.max_pixels, ingest.png_max_text_chunk, ingest.png_max_text_memory)
+
+    def key(self) -> str:
+        """The limits as text, for cache keys."""
+        return (
+            f"max_pixels={self.max_pixels}:png_max_text_chunk={self.png_max_text_chunk}"
+            f":png_max_text_memory={self.png_max_text_memory}"
+        )
 
 
-def set_pixel_limit(max_pixels: int) -> None:
-    """Set Pillow's decompression-bomb limit to ``max_pixels`` (width x height) for the process.
+def configure_pillow(limits: PillowLimits) -> None:
+    """Set Pillow's limits for the process and register the HEIF/HEIC opener.
 
-    For entry points only (a stage's ``main``, a command): it changes process-wide state. It
-    also silences ``Image.DecompressionBombWarning``, which Pillow issues for images between
-    the limit and twice the limit: :func:`check_image_bytes` gives those a verdict instead.
-    Raises ValueError when ``max_pixels`` is below 1.
+    For entry points only (a stage's ``main``, a command, a verification worker): it changes
+    process-wide state. It also silences ``Image.DecompressionBombWarning``, which Pillow
+    issues for images between the limit and twice the limit: ingest's check gives those a
+    verdict instead (graft.data.image_check). Raises ValueError when a limit is below 1.
     """
-    if max_pixels < 1:
-        raise ValueError(f"max_pixels must be >= 1, got {max_pixels}")
-    Image.MAX_IMAGE_PIXELS = max_pixels
+    if min(limits.max_pixels, limits.png_max_text_chunk, limits.png_max_text_memory) < 1:
+        raise ValueError(f"every Pillow limit must be >= 1, got {limits}")
+    Image.MAX_IMAGE_PIXELS = limits.max_pixels
+    PngImagePlugin.MAX_TEXT_CHUNK = limits.png_max_text_chunk
+    PngImagePlugin.MAX_TEXT_MEMORY = limits.png_max_text_memory
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    # Imported here: registering is process-wide, and only entry points may do that.
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()
 
 
 def pillow_refuses_above() -> int | None:
@@ -63,89 +80,102 @@ def pillow_refuses_above() -> int | None:
     return None if limit is None else 2 * limit
 
 
-def check_image_bytes(data: bytes, *, min_side: int, max_pixels: int) -> ImageCheck:
-    """Classify raw file bytes: zero-byte, not an image, too large/small, corrupt or accepted.
+def upright_rgb(image: Image.Image) -> tuple[Image.Image, str]:
+    """The first frame as training sees it: EXIF rotation applied, 8-bit RGB; and a warning.
 
-    ``min_side`` (pixels) bounds the shorter side from below, ``max_pixels`` (width x height)
-    the area from above; both are checked from the header, before any pixel is decoded. A file
-    that Pillow's own decompression-bomb guard refuses is ``too_large`` as well (Pillow warns,
-    with ``Image.DecompressionBombWarning``, about one between its limit and twice the limit
-    unless :func:`set_pixel_limit` silenced that). Never raises for bad bytes: every problem is
-    a verdict. Thread-safe: it reads Pillow's limit and changes no process-wide state.
+    An EXIF orientation that cannot be read or applied leaves the pixels as stored, with a
+    warning saying so (the file's pixels are fine; only its metadata is broken). High bit
+    depth follows :func:`to_rgb`'s rule, with a warning when few grey levels survive. The
+    warning is empty when there is nothing to say. ``image`` itself is decoded and rotated in
+    place (no copy of its pixels). Raises OSError (or any decoder's error) when the pixels
+    cannot be decoded.
     """
-    if not data:
-        return ImageCheck("zero_byte", "file is empty")
-    found: dict[str, Any] = {}  # what the header told us, kept even when decoding fails
+    image.seek(0)
+    high_bit_depth = _is_high_bit_depth(image)  # before load(), which forgets the raw mode
+    image.load()  # full decode of the first frame: catches truncation
+    warning = ""
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-            found = dict(width=width, height=height, mode=image.mode, format=image.format)
-            if width * height > max_pixels:
-                return ImageCheck("too_large", _over_max_pixels(found, max_pixels), **found)
-            if min(width, height) < min_side:
-                reason = f"shorter side {min(width, height)} px < min_side {min_side}"
-                return ImageCheck("too_small", reason, **found)
-            image.load()  # full decode of the first frame: catches truncation
-    except UnidentifiedImageError:
-        return ImageCheck("not_image", "not a format Pillow can identify")
-    except Image.DecompressionBombError as error:
-        return _refused_by_pillow(found, max_pixels, error)
-    except (OSError, SyntaxError, ValueError, EOFError) as error:
-        return ImageCheck("corrupt", f"decode failed: {error}", **found)
-    return ImageCheck("accepted", "", **found)
+        ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of the pixels
+    except Exception as error:  # a malformed EXIF block: keep the stored orientation
+        problem = f"{type(error).__name__}: {error}"
+        warning = f"EXIF orientation not applied, pixels kept as stored ({problem})"
+    rgb = to_rgb(image, stretch=high_bit_depth)
+    collapsed = _collapse(image, rgb) if high_bit_depth else ""
+    return rgb, "; ".join(part for part in (warning, collapsed) if part)
 
 
-def _over_max_pixels(found: dict[str, Any], max_pixels: int) -> str:
-    width, height = found["width"], found["height"]
-    return f"{width}x{height} = {width * height} pixels > max_pixels {max_pixels}"
+def _collapse(source: Image.Image, rgb: Image.Image) -> str:
+    """A warning when converting to 8 bits left few of the levels the image had; else ''.
+
+    Few means under COLLAPSED_LEVELS where the source had more. Pillow hands 16-bit colour
+    over as 8 bits already, so its own levels are all there is to count.
+    """
+    after = len(np.unique(np.asarray(rgb)))
+    before = len(np.unique(np.asarray(source))) if source.mode in HIGH_BIT_DEPTH_GRAY else None
+    if after >= COLLAPSED_LEVELS or (before is not None and before <= after):
+        return ""
+    had = f" of {before}" if before is not None else ""
+    return f"high-bit-depth image keeps only {after}{had} levels in 8 bits"
 
 
-def _refused_by_pillow(
-    found: dict[str, Any], max_pixels: int, error: Image.DecompressionBombError
-) -> ImageCheck:
-    # Image.open refuses before it hands over the image, so the header's facts are not known
-    # here; Pillow's message gives the pixel count and its limit.
-    if found and found["width"] * found["height"] > max_pixels:  # refused while decoding
-        return ImageCheck("too_large", _over_max_pixels(found, max_pixels), **found)
-    refuses_above = pillow_refuses_above()
-    limit = f" of {refuses_above} pixels (2 x Image.MAX_IMAGE_PIXELS)" if refuses_above else ""
-    reason = f"refused by Pillow's decompression-bomb limit{limit}; max_pixels is {max_pixels}"
-    return ImageCheck("too_large", f"{reason}: {error}", **found)
+def _is_high_bit_depth(image: Image.Image) -> bool:
+    # Pillow decodes 16-bit colour (PNG, TIFF) straight to 8-bit RGB, taking each value's
+    # high byte; only the raw mode of the first tile still says 16 bits.
+    if image.mode in HIGH_BIT_DEPTH_GRAY:
+        return True
+    tiles = getattr(image, "tile", None) or []
+    raw_mode = tiles[0].args if tiles else None
+    raw_mode = raw_mode[0] if isinstance(raw_mode, tuple) and raw_mode else raw_mode
+    return isinstance(raw_mode, str) and ";16" in raw_mode
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image, *, stretch: bool = False) -> Image.Image:
     """Normalise any decodable mode to 8-bit RGB.
 
-    16-bit and 32-bit grayscale are scaled by their actual range (Pillow's own conversion
-    clips them to white); transparency is composited onto black, so a transparent pixel
-    carries no signal whatever colour it happens to store. Returns a new RGB image of the same
-    size; raises OSError when the image's data cannot be decoded.
+    High bit depth, one rule for every format: the image's own range [min, max] is mapped
+    linearly onto 0-255 (a constant image becomes black). So a 12-bit scan stored in 16 bits
+    trains at full contrast whether it came as PNG, TIFF or PGM. 16- and 32-bit grayscale
+    modes always follow it; 8-bit modes only with ``stretch`` (Pillow hands 16-bit colour
+    over as its high bytes, so the rule then works on those). Transparency is composited
+    onto black, so a transparent pixel carries no signal whatever colour it happens to store.
+    Returns an RGB image of the same size (``image`` itself when it is 8-bit RGB already and
+    not stretched); raises OSError when the data cannot be decoded.
     """
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        values = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if image.mode.startswith("I;16") else max(float(values.max()), 1.0)
-        gray = np.clip(values * (255.0 / peak), 0, 255).round().astype(np.uint8)
+    if image.mode in HIGH_BIT_DEPTH_GRAY:
+        gray = _stretch(np.asarray(image, dtype=np.float64))
         return Image.fromarray(gray).convert("RGB")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+        image = Image.alpha_composite(background, rgba)
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    return Image.fromarray(_stretch(np.asarray(rgb, dtype=np.float64))) if stretch else rgb
+
+
+def _stretch(values: np.ndarray) -> np.ndarray:
+    """``values`` mapped linearly from their own [min, max] onto 0-255, as uint8."""
+    low, high = float(values.min()), float(values.max())
+    if high <= low:
+        return np.zeros(values.shape, dtype=np.uint8)
+    scaled = (values - low) * (255.0 / (high - low))
+    return np.clip(scaled, 0, 255).round().astype(np.uint8)
+
+
+def resize_square(rgb: Image.Image, size: int) -> Image.Image:
+    """``rgb`` resized, whole, to ``size`` x ``size`` pixels (bilinear; no crop, so nothing a
+    label depends on is cut)."""
+    return rgb.resize((size, size), Image.Resampling.BILINEAR)
 
 
 def load_rgb(path: Path, size: int) -> np.ndarray:
-    """Decode as an RGB ``size`` x ``size`` uint8 array (H, W, 3), EXIF rotation applied.
+    """Decode as an RGB ``size`` x ``size`` uint8 array (H, W, 3), as ingest's check did.
 
-    Multi-frame files (GIF, TIFF, ...) contribute their first frame. ``size`` is in pixels;
-    the whole image is resized, not cropped. Raises OSError when the file cannot be read or
-    decoded, and Image.DecompressionBombError when it exceeds Pillow's limit.
+    Multi-frame files (GIF, TIFF, ...) contribute their first frame; EXIF rotation and the
+    mode rule of :func:`upright_rgb`. ``size`` is in pixels. Raises OSError when the file
+    cannot be read or decoded, and Image.DecompressionBombError when it exceeds Pillow's limit.
     """
     with Image.open(path) as image:
-        image.seek(0)
-        upright = ImageOps.exif_transpose(image)
-        rgb = to_rgb(upright)
-        # Resize the whole image to a square (no crop), so nothing a label depends on is cut.
-        resized = rgb.resize((size, size), Image.Resampling.BILINEAR)
-        return np.array(resized, dtype=np.uint8)  # a writable copy, as torch expects
+        rgb, _ = upright_rgb(image)  # ingest recorded the warning, if any
+        return np.array(resize_square(rgb, size), dtype=np.uint8)  # writable, as torch expects

@@ -2,7 +2,8 @@
 
 Layout: ``<root>/<class name>/<any sub-folders>/<image file>``. Hidden and system files are
 skipped and counted; everything else gets a record, rejected or accepted. The source folder is
-only ever read. Files are checked in parallel on every core; with a :class:`VerifyCache`, a
+only ever read. Files are checked in parallel in worker processes, each file under a memory
+and time budget (graft.data.budget); with a :class:`VerifyCache`, a
 file whose size, mtime and inode are unchanged (or whose content was judged before under the
 same settings) is not decoded again.
 """
@@ -10,41 +11,71 @@ same settings) is not decoded again.
 from __future__ import annotations
 
 import os
+import signal
+import stat as stat_module
 from collections import Counter, defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from graft.data.decoding import ImageCheck, check_image_bytes, pillow_refuses_above
+from graft.config.settings import (
+    DEFAULT_DECODE_MEMORY_MB,
+    DEFAULT_DECODE_TIMEOUT_S,
+    DEFAULT_PNG_MAX_TEXT_CHUNK,
+    DEFAULT_PNG_MAX_TEXT_MEMORY,
+    Ingest,
+)
+from graft.data.budget import Budget, Outcome, map_budgeted
+from graft.data.decoding import PillowLimits, configure_pillow
+from graft.data.image_check import ImageCheck, check_image_bytes
 from graft.data.sources import SourceFile, display_name, scan_folder
 from graft.data.verify_cache import FileStat, VerifyCache, store_object
 from graft.hashing import sha256_hex
 from graft.progress import Progress
 
 # Bump when check_image_bytes would judge some bytes differently: old cached verdicts expire.
-CHECKER_VERSION = 2  # 2: files Pillow's guard refuses are too_large with its reason
-CHUNK = 64  # files per task handed to a worker: amortises the hand-over
+CHECKER_VERSION = 3  # 3: training's decode path, checksums, unsupported, budgets, phash
+CHUNK = 64  # files per cache lookup batch and progress step
 
 
 @dataclass(frozen=True)
 class CheckSettings:
-    """The limits behind ``too_small`` (``min_side``, pixels) and ``too_large`` (``max_pixels``,
-    width x height in pixels), as :func:`graft.data.decoding.check_image_bytes` takes them."""
+    """The limits behind the verdicts, as ``ingest.*`` sets them.
+
+    ``min_side`` (pixels) is behind ``too_small``; ``max_pixels`` (width x height), the PNG
+    text limits (bytes, :class:`graft.data.decoding.PillowLimits`) and ``decode_memory_mb``
+    (MiB per decoding process) behind ``too_large``; ``decode_timeout_s`` (seconds per file)
+    behind ``timeout``.
+    """
 
     min_side: int
     max_pixels: int
+    decode_memory_mb: int = DEFAULT_DECODE_MEMORY_MB
+    decode_timeout_s: float = DEFAULT_DECODE_TIMEOUT_S
+    png_max_text_chunk: int = DEFAULT_PNG_MAX_TEXT_CHUNK
+    png_max_text_memory: int = DEFAULT_PNG_MAX_TEXT_MEMORY
+
+    @classmethod
+    def of(cls, ingest: Ingest) -> CheckSettings:
+        """The settings of params.yaml's ``ingest`` section."""
+        return cls(
+            ingest.min_side, ingest.max_pixels, ingest.decode_memory_mb, ingest.decode_timeout_s,
+            ingest.png_max_text_chunk, ingest.png_max_text_memory,
+        )  # fmt: skip
+
+    def limits(self) -> PillowLimits:
+        """Pillow's limits for the decoding processes."""
+        return PillowLimits(self.max_pixels, self.png_max_text_chunk, self.png_max_text_memory)
 
     def key(self) -> str:
-        """A string that identifies the verdicts these settings give here, for the cache.
+        """A string that identifies the verdicts these settings give, for the cache.
 
-        Pillow's own limit joins the key only when it refuses files ``max_pixels`` allows, the
-        one case where it changes verdicts (see graft.data.decoding.set_pixel_limit).
+        The time limit is not in it: ``timeout`` verdicts depend on the machine's load, so
+        they are never cached.
         """
-        key = f"v{CHECKER_VERSION}:min_side={self.min_side}:max_pixels={self.max_pixels}"
-        refuses_above = pillow_refuses_above()
-        if refuses_above is not None and refuses_above < self.max_pixels:
-            key += f":pillow_refuses_above={refuses_above}"
-        return key
+        return (
+            f"v{CHECKER_VERSION}:min_side={self.min_side}:{self.limits().key()}"
+            f":decode_memory_mb={self.decode_memory_mb}"
+        )
 
 
 @dataclass(frozen=True)
@@ -73,7 +104,7 @@ class FileRecord:
         """The record of a file that was read: its hash, size in bytes and check result."""
         return cls(
             path, label, check.verdict, check.reason, sha256, size,
-            check.width, check.height, check.mode, check.format,
+            check.width, check.height, check.mode, check.format, check.phash,
         )  # fmt: skip
 
 
@@ -98,45 +129,91 @@ class _Task:
     objects: Path | None  # where accepted bytes go; None when nothing is to be stored
 
 
+def _start_worker(limits: PillowLimits) -> None:
+    configure_pillow(limits)
+
+
 def _check(task: _Task) -> tuple[FileRecord, FileStat | None]:
-    """Read one file once: hash it, fully decode it, store its bytes if accepted."""
+    """Read one file once: hash it, decode it as training will, store its bytes if accepted.
+
+    Runs in a worker process under the memory budget: a decode that needs more is
+    ``too_large``, naming the budget.
+    """
     file = task.file
     try:
-        stat = FileStat.of(os.stat(file.path))
+        status = os.stat(file.path)
+        if not stat_module.S_ISREG(status.st_mode):  # a named pipe would block the reader
+            reason = "not a regular file (a named pipe, socket or device)"
+            return FileRecord(file.relative, file.label, "unreadable", reason), None
+        stat = FileStat.of(status)
         with open(file.path, "rb") as stream:
             data = stream.read()
     except OSError as error:
-        reason = f"{type(error).__name__}: {error.strerror}"
-        return FileRecord(file.relative, file.label, "unreadable", reason), None
+        return FileRecord(file.relative, file.label, "unreadable", _unreadable(file, error)), None
     sha256 = sha256_hex(data)
-    check = check_image_bytes(
-        data, min_side=task.settings.min_side, max_pixels=task.settings.max_pixels
-    )
+    settings = task.settings
+    try:
+        check = check_image_bytes(data, min_side=settings.min_side, max_pixels=settings.max_pixels)
+    except MemoryError:
+        check = ImageCheck("too_large", _over_memory(settings))
     if check.verdict == "accepted" and task.objects is not None:
         store_object(task.objects, sha256, data)
     return FileRecord.of(file.relative, file.label, sha256, len(data), check), stat
 
 
-def _check_chunk(tasks: list[_Task]) -> list[tuple[FileRecord, FileStat | None]]:
-    return [_check(task) for task in tasks]
+def _unreadable(file: SourceFile, error: OSError) -> str:
+    if os.path.islink(file.path) and not os.path.exists(file.path):
+        return f"dangling symbolic link to {display_name(os.readlink(file.path))}"
+    return f"{type(error).__name__}: {error.strerror}"
+
+
+def _over_memory(settings: CheckSettings) -> str:
+    return (
+        f"decoding needs more than ingest.decode_memory_mb = {settings.decode_memory_mb} MiB "
+        "(a frame, tile or embedded image larger than the header says)"
+    )
+
+
+def _lost(task: _Task, outcome: Outcome[tuple[FileRecord, FileStat | None]]) -> FileRecord:
+    """The record of a file whose check ran out of time or lost its process."""
+    file, settings = task.file, task.settings
+    if outcome.timed_out:
+        limit = settings.decode_timeout_s
+        verdict, reason = (
+            "timeout",
+            f"decoding took longer than ingest.decode_timeout_s = {limit:g} s",
+        )
+    elif outcome.exit_code == -signal.SIGKILL:  # what the kernel's OOM killer sends
+        verdict, reason = "too_large", _over_memory(settings) + "; its process was killed"
+    else:
+        verdict, reason = (
+            "corrupt",
+            f"the decoder crashed its process (exit code {outcome.exit_code})",
+        )
+    try:  # hashed here, so the report can name the content; the decode is not retried
+        with open(file.path, "rb") as stream:
+            data = stream.read()
+    except OSError:
+        return FileRecord(file.relative, file.label, verdict, reason)
+    return FileRecord(file.relative, file.label, verdict, reason, sha256_hex(data), len(data))
 
 
 def _run_checks(
-    tasks: list[_Task], workers: int, what: str
+    tasks: list[_Task], settings: CheckSettings, workers: int, what: str
 ) -> list[tuple[FileRecord, FileStat | None]]:
-    # Threads: Pillow's decoders, hashlib and file reads release the GIL, so threads scale
-    # across cores without pickling records. Measured on 25,000 JPEGs and 2 cores, forked
-    # processes were no faster (10.0-13.2 s against 10.5-10.7 s) and carry fork's hazards.
-    chunks = [tasks[i : i + CHUNK] for i in range(0, len(tasks), CHUNK)]
-    results: list[tuple[FileRecord, FileStat | None]] = []
-    with (
-        ThreadPoolExecutor(max(1, min(workers, len(chunks)))) as pool,
-        Progress(len(tasks), what) as progress,
-    ):
-        for done in pool.map(_check_chunk, chunks):
-            results.extend(done)
-            progress.update(len(done))
-    return results
+    # Processes, not threads: only a process can be given a memory cap and be stopped in the
+    # middle of a C decoder (graft.data.budget).
+    budget = Budget(settings.decode_memory_mb, settings.decode_timeout_s)
+    results: list[tuple[FileRecord, FileStat | None] | None] = [None] * len(tasks)
+    with Progress(len(tasks), what) as progress:
+        outcomes = map_budgeted(
+            _check, tasks, budget, workers=min(workers, len(tasks)),
+            initializer=_start_worker, initargs=(settings.limits(),),
+        )  # fmt: skip
+        for index, outcome in outcomes:
+            results[index] = outcome.result or (_lost(tasks[index], outcome), None)
+            progress.update()
+    return [result for result in results if result is not None]
 
 
 def resolve_duplicates(records: list[FileRecord]) -> list[FileRecord]:
@@ -182,7 +259,7 @@ def verify_folder(
 ) -> FolderReport:
     """Verify every file under ``root``; duplicates and label conflicts resolved.
 
-    ``settings`` are the limits of the checks; ``workers`` is the number of threads, 0 for one
+    ``settings`` are the limits of the checks; ``workers`` is the number of processes, 0 for one
     per available core; ``what`` labels the progress bar. With ``cache``, accepted bytes are
     kept in its object store and unchanged files are not read again. A file that cannot be
     read gets the verdict ``unreadable``; only a ``root`` that cannot be listed raises OSError.
@@ -198,7 +275,8 @@ def verify_folder(
             records[index] = reused
         else:
             pending.append((index, _Task(file, settings, objects)))
-    results = _run_checks([task for _, task in pending], workers or default_workers(), what)
+    tasks = [task for _, task in pending]
+    results = _run_checks(tasks, settings, workers or default_workers(), what) if tasks else []
     for (index, _), (record, _) in zip(pending, results, strict=True):
         records[index] = record
     if cache is not None:
@@ -207,7 +285,7 @@ def verify_folder(
             (
                 (display_name(task.file.path), stat, record.sha256, _as_check(record))
                 for (_, task), (record, stat) in zip(pending, results, strict=True)
-                if stat is not None and record.sha256 is not None
+                if stat is not None and record.sha256 is not None and record.verdict != "timeout"
             ),
         )
     complete = [record for record in records if record is not None]
@@ -230,5 +308,6 @@ def _from_cache(cache: VerifyCache | None, file: SourceFile, key: str) -> FileRe
 
 def _as_check(record: FileRecord) -> ImageCheck:
     return ImageCheck(
-        record.verdict, record.reason, record.width, record.height, record.mode, record.format
-    )
+        record.verdict, record.reason, record.width, record.height, record.mode, record.format,
+        record.phash,
+    )  # fmt: skip

@@ -4,8 +4,9 @@ Two tables in one SQLite file, plus a content-addressed object store:
 
 - ``stats``: file path + size + mtime + inode -> sha256, so an unchanged file is not even
   read again (the same heuristic DVC and git use for their own state);
-- ``verdicts``: sha256 + check settings -> verdict, reason and header facts, so content that
-  was judged once under the same settings is never decoded again, wherever it moves;
+- ``checks``: sha256 + check settings -> verdict, reason, header facts and perceptual hash,
+  so content that was judged once under the same settings is never decoded again, wherever
+  it moves;
 - ``objects/<sha256[:2]>/<sha256>``: the bytes of every accepted image, read-only, which the
   ingested dataset hard-links instead of copying.
 
@@ -22,18 +23,19 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from graft.data.decoding import ImageCheck
+from graft.data.image_check import ImageCheck
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS stats (
     path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, inode INTEGER, sha256 TEXT
 );
-CREATE TABLE IF NOT EXISTS verdicts (
+CREATE TABLE IF NOT EXISTS checks (
     sha256 TEXT, settings TEXT, verdict TEXT, reason TEXT,
-    width INTEGER, height INTEGER, mode TEXT, format TEXT,
+    width INTEGER, height INTEGER, mode TEXT, format TEXT, phash TEXT,
     PRIMARY KEY (sha256, settings)
 );
-"""
+DROP TABLE IF EXISTS verdicts;
+"""  # ``verdicts`` held the checks of graft before perceptual hashes; its keys have expired
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,7 @@ class VerifyCache:
         """
         if settings not in self._verdicts:
             rows = self._db.execute(
-                "SELECT sha256, verdict, reason, width, height, mode, format FROM verdicts "
+                "SELECT sha256, verdict, reason, width, height, mode, format, phash FROM checks "
                 "WHERE settings = ?",
                 (settings,),
             )
@@ -136,12 +138,16 @@ class VerifyCache:
                 [(p, s.size, s.mtime_ns, s.inode, sha) for p, s, sha, _ in rows],
             )
             self._db.executemany(
-                "INSERT OR REPLACE INTO verdicts VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (sha, settings, c.verdict, c.reason, c.width, c.height, c.mode, c.format)
-                    for _, _, sha, c in rows
-                ],
+                "INSERT OR REPLACE INTO checks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(sha, settings, *_columns(c)) for _, _, sha, c in rows],
             )
+
+
+def _columns(check: ImageCheck) -> tuple[object, ...]:
+    return (
+        check.verdict, check.reason, check.width, check.height, check.mode, check.format,
+        check.phash,
+    )  # fmt: skip
 
 
 def object_path(objects: Path, sha256: str) -> Path:

@@ -13,7 +13,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from graft.atomic import atomic_path
-from graft.data.decoding import to_rgb
+from graft.data.decoding import upright_rgb
 from graft.data.layout import image_path
 from graft.errors import GraftError
 
@@ -99,7 +99,7 @@ def _thumbnail(path: Path) -> Image.Image:
     try:
         with Image.open(path) as image:
             image.seek(0)
-            rgb = to_rgb(ImageOps.exif_transpose(image))
+            rgb, _ = upright_rgb(image)  # as training saw it
     except FileNotFoundError:
         raise GraftError(f"{path} is missing from the ingested dataset") from None
     # Small images (8x8 digits) are enlarged with nearest-neighbour so their pixels stay sharp.

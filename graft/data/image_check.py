@@ -1,0 +1,149 @@
+"""Judging one file's bytes: every problem a verdict, never an exception.
+
+``Image.verify()`` only parses headers and passes truncated files, so the check is a full
+decode of the (first) frame through training's own path (graft.data.decoding.upright_rgb:
+EXIF rotation, mode conversion), then a perceptual hash for near-duplicates. Formats that
+carry checksums (PNG's chunk CRCs) are checked against them as well. Files Pillow cannot
+identify are told apart by their signature (graft.data.signatures).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from graft.data.decoding import pillow_refuses_above, upright_rgb
+from graft.data.near_duplicates import perceptual_hash
+from graft.data.signatures import sniff
+
+
+@dataclass(frozen=True)
+class ImageCheck:
+    """What one file's bytes turned out to be.
+
+    ``verdict`` is ``"accepted"`` or a rejection verdict of graft.data.schemas.VERDICTS, with
+    its ``reason``; an accepted file's ``reason`` is empty or a warning (for instance an EXIF
+    orientation that could not be applied). Width and height (pixels), mode and format come
+    from the header, and are None when the header could not be read. ``phash`` is an accepted
+    image's 64-bit perceptual hash (16 hex digits, graft.data.near_duplicates).
+    """
+
+    verdict: str
+    reason: str
+    width: int | None = None
+    height: int | None = None
+    mode: str | None = None
+    format: str | None = None
+    phash: str | None = None
+
+
+def check_image_bytes(data: bytes, *, min_side: int, max_pixels: int) -> ImageCheck:
+    """Classify raw file bytes: every problem is a verdict, never an exception.
+
+    ``min_side`` (pixels) bounds the shorter side from below, ``max_pixels`` (width x height)
+    the area from above; both are checked from the header, before any pixel is decoded. Then
+    the checksums the format carries are checked, the first frame is fully decoded and goes
+    through training's path (:func:`upright_rgb`, a resize). Verdicts: ``zero_byte``,
+    ``not_image`` (no known image signature), ``corrupt`` (a known signature whose header,
+    checksums or data are broken), ``unsupported`` (a format Pillow recognises but cannot
+    decode here; the reason says what would), ``too_small``, ``too_large`` (the header, or
+    one of Pillow's limits: the reason names it) and ``accepted``. A ``MemoryError`` is left
+    to the caller, which knows the memory budget it ran under. Uses Pillow's process-wide
+    limits (:func:`configure_pillow`) and changes no process-wide state.
+    """
+    if not data:
+        return ImageCheck("zero_byte", "file is empty")
+    found: dict[str, Any] = {}  # what the header told us, kept even when decoding fails
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            found = dict(width=width, height=height, mode=image.mode, format=image.format)
+            if width * height > max_pixels:
+                return ImageCheck("too_large", _over_max_pixels(found, max_pixels), **found)
+            if min(width, height) < min_side:
+                reason = f"shorter side {min(width, height)} px < min_side {min_side}"
+                return ImageCheck("too_small", reason, **found)
+            broken = _checksum_problem(data)
+            if broken:
+                return ImageCheck("corrupt", broken, **found)
+            rgb, warning = upright_rgb(image)  # a full decode of the first frame, and more
+            # The hash's own resize stands for training's: Pillow's resampling of decoded
+            # pixels cannot fail where decoding and conversion did not.
+            return ImageCheck("accepted", warning, **found, phash=perceptual_hash(rgb))
+    except UnidentifiedImageError:
+        return _unidentified(data)
+    except Image.DecompressionBombError as error:
+        return _refused_by_pillow(found, max_pixels, error)
+    except MemoryError:
+        raise
+    except Exception as error:  # any decoder's failure is this file's verdict, nothing more
+        return _failed(error, found, data)
+
+
+def _checksum_problem(data: bytes) -> str:
+    """Why the checksums and structure ``data``'s format carries do not hold; empty if they do.
+
+    ``Image.verify()`` checks what a format can check without decoding (PNG: every chunk's
+    CRC), which ``load()`` skips. It needs an image of its own: it leaves the one it ran on
+    unusable.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+    except MemoryError:
+        raise
+    except Exception as error:
+        return f"checksum or structure check failed: {type(error).__name__}: {error}"
+    return ""
+
+
+def _unidentified(data: bytes) -> ImageCheck:
+    signature = sniff(data)
+    if signature is None:
+        return ImageCheck("not_image", "not a format Pillow can identify")
+    if signature.pillow_reads:
+        reason = f"{signature.name} signature, but Pillow cannot read its header"
+        return ImageCheck("corrupt", reason, format=signature.name)
+    reason = f"{signature.name}: no decoder for it here ({signature.decoder})"
+    return ImageCheck("unsupported", reason, format=signature.name)
+
+
+def _failed(error: Exception, found: dict[str, Any], data: bytes) -> ImageCheck:
+    described = f"{type(error).__name__}: {error}"
+    text = str(error)
+    if "MAX_TEXT_CHUNK" in text:
+        reason = f"a PNG text chunk is larger than ingest.png_max_text_chunk ({described})"
+        return ImageCheck("too_large", reason, **found)
+    if "MAX_TEXT_MEMORY" in text or "Too much memory used in text chunks" in text:
+        reason = f"the PNG's text is larger than ingest.png_max_text_memory ({described})"
+        return ImageCheck("too_large", reason, **found)
+    signature = sniff(data)
+    if not found and signature is not None:  # refused at open: only the signature names it
+        found = {"format": signature.name}
+    name = found.get("format") or "this format"
+    if isinstance(error, NotImplementedError):
+        reason = f"{name}: Pillow recognises this variant but cannot decode it ({described})"
+        return ImageCheck("unsupported", reason, **found)
+    if isinstance(error, OSError) and text.startswith("decoder ") and "not available" in text:
+        reason = f"{name}: this Pillow was built without its decoder ({described})"
+        return ImageCheck("unsupported", reason, **found)
+    return ImageCheck("corrupt", f"decode failed: {described}", **found)
+
+
+def _over_max_pixels(found: dict[str, Any], max_pixels: int) -> str:
+    width, height = found["width"], found["height"]
+    return f"{width}x{height} = {width * height} pixels > max_pixels {max_pixels}"
+
+
+def _refused_by_pillow(
+    found: dict[str, Any], max_pixels: int, error: Image.DecompressionBombError
+) -> ImageCheck:
+    # Pillow refuses at open (the header), or while decoding a frame, tile or embedded image
+    # larger than the header says (an ICNS that says 256x256 can hold a far larger PNG).
+    refuses_above = pillow_refuses_above()
+    limit = f" of {refuses_above} pixels (2 x Image.MAX_IMAGE_PIXELS)" if refuses_above else ""
+    reason = f"refused by Pillow's decompression-bomb limit{limit}; max_pixels is {max_pixels}"
+    return ImageCheck("too_large", f"{reason}: {error}", **found)
