@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
-from helpers import tiny_params
+import yaml
+from helpers import ROOT, run, tiny_params
 
 from graft.config.params import parse_params
-from graft.data.ingest import IngestError, ingest, render_summary
-from graft.data.layout import image_path, read_manifest
+from graft.data.ingest import IngestError, ingest, render_summary, summarise
+from graft.data.layout import image_path, manifest_path, read_manifest
 from graft.hashing import file_sha256
 
 
@@ -65,7 +68,7 @@ def test_a_warm_cache_changes_nothing_but_speed(sources: Path, tmp_path: Path) -
     params = parse_params(tiny_params(sources))
     cold_manifest, cold = ingest(params.ingest, tmp_path / "cold", tmp_path / "cache")
     warm_manifest, warm = ingest(params.ingest, tmp_path / "warm", tmp_path / "cache")
-    assert warm["target"].decoded == 0 < cold["target"].decoded
+    assert warm["target"].folder.decoded == 0 < cold["target"].folder.decoded
     assert warm_manifest.equals(cold_manifest)
     assert render_summary(warm_manifest, warm) == render_summary(cold_manifest, cold)
 
@@ -73,3 +76,68 @@ def test_a_warm_cache_changes_nothing_but_speed(sources: Path, tmp_path: Path) -
         return sorted(path.relative_to(folder) for path in folder.rglob("*"))
 
     assert listing(tmp_path / "cold") == listing(tmp_path / "warm")
+
+
+def lose_two_classes(target: Path) -> None:
+    """An empty class folder and one whose files are all rejected, in ``target``."""
+    (target / "empty class").mkdir()
+    (target / "ghost").mkdir()
+    (target / "ghost" / "readme.jpg").write_text("not an image\n")
+    (target / "ghost" / "note.png").write_text("not one either\n")
+    (target / "ghost" / "blank.png").write_bytes(b"")
+
+
+def test_a_class_that_keeps_no_image_fails_ingest_naming_it(sources: Path, tmp_path: Path) -> None:
+    lose_two_classes(sources / "target")
+    params = parse_params(tiny_params(sources))
+    with pytest.raises(IngestError) as caught:
+        ingest(params.ingest, tmp_path / "ingested", tmp_path / "cache")
+    message = str(caught.value)
+    assert message.startswith("source 'target': 2 class folder(s) with no accepted image")
+    assert "'empty class': no files to verify" in message
+    assert "'ghost': all 3 files rejected (not_image: 2, zero_byte: 1)" in message
+    assert "set ingest.lost_class: warn to go on without them" in message
+    assert not (tmp_path / "ingested").exists()
+
+
+def test_with_lost_class_warn_ingest_goes_on_and_reports_them(
+    sources: Path, tmp_path: Path
+) -> None:
+    lose_two_classes(sources / "target")
+    raw = tiny_params(sources)
+    raw["ingest"]["lost_class"] = "warn"
+    manifest, reports = ingest(parse_params(raw).ingest, tmp_path / "ingested", tmp_path / "cache")
+    assert manifest_path(tmp_path / "ingested").is_file()  # written: the run went on
+    assert list(reports["target"].lost) == ["empty class", "ghost"]
+    assert reports["pretrain"].lost == {}
+    counts = summarise(reports)
+    assert counts["target"]["lost_classes"] == 2 and counts["pretrain"]["lost_classes"] == 0
+    assert counts["target"]["classes"] == 5  # the classes that kept images
+    summary = render_summary(manifest, reports).split("## target")[1]
+    assert "- Warning: class 'empty class' has no accepted image and is left out" in summary
+    assert "- Warning: class 'ghost' has no accepted image and is left out: all 3" in summary
+
+
+def test_ingest_stage_prints_and_records_warnings(sources: Path, tmp_path: Path) -> None:
+    lose_two_classes(sources / "target")
+    look_alike = sources / "target" / "5\u200b"  # a zero-width space: looks like class 5
+    look_alike.mkdir()
+    shutil.copy2(ROOT / "data" / "demo" / "pretrain" / "0" / "digit-0000.png", look_alike)
+    raw = tiny_params(sources)
+    raw["ingest"]["lost_class"] = "warn"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    shutil.copytree(ROOT / "tasks", tmp_path / "tasks")  # stages run from the project root
+    result = run(["python", "-m", "tasks.ingest"], cwd=tmp_path)
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        "warning: ingest target: class 'empty class' has no accepted image and is left out: "
+        "no files to verify (empty, or only hidden files and linked folders)",
+        "warning: ingest target: class 'ghost' has no accepted image and is left out: all 3 "
+        "files rejected (not_image: 2, zero_byte: 1)",
+        "warning: ingest target: class folders '5', '5\\u200b' look the same to a person but "
+        "are 2 different classes to graft and DVC: rename or merge them unless that is meant",
+    ]
+    paths = parse_params(raw).paths.ingest
+    metrics = json.loads((tmp_path / paths.metrics).read_text())
+    assert metrics["target"]["lost_classes"] == 2
+    assert "class folders '5', '5\\u200b' look the same" in (tmp_path / paths.summary).read_text()

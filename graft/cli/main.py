@@ -16,14 +16,18 @@ from typing import Any
 
 from graft.cli.registry import add_commands as add_registry_commands
 from graft.config.params import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, DEFAULT_PARAMS, load_params
+from graft.config.settings import DEFAULT_DECODE_MEMORY_MB, DEFAULT_DECODE_TIMEOUT_S
 from graft.errors import GraftError, run_main
 
 
 def _check(arguments: argparse.Namespace) -> None:
-    from graft.config.checks import check_machine  # torchvision only when asked for
+    # torchvision only when asked for
+    from graft.config.checks import check_machine, source_warnings
 
     params = load_params(arguments.params)
     check_machine(params, arguments.params.parent, origin=str(arguments.params))
+    for key, message in source_warnings(params, arguments.params.parent):
+        print(f"warning: {key}: {message}", file=sys.stderr)
     print(f"{arguments.params}: all settings valid; source folders and architecture found")
 
 
@@ -35,13 +39,14 @@ def _demo(arguments: argparse.Namespace) -> None:
 
 
 def _verify(arguments: argparse.Namespace) -> None:
-    from graft.data.decoding import set_pixel_limit
     from graft.data.verify import CheckSettings, verify_folder
 
     if not arguments.folder.is_dir():
         raise GraftError(f"{arguments.folder} is not a folder")
-    set_pixel_limit(arguments.max_pixels)  # Pillow's guard at the same limit, as ingest sets it
-    settings = CheckSettings(min_side=arguments.min_side, max_pixels=arguments.max_pixels)
+    settings = CheckSettings(
+        arguments.min_side, arguments.max_pixels,
+        arguments.decode_memory_mb, arguments.decode_timeout_s,
+    )  # fmt: skip
     report = verify_folder(arguments.folder, settings, workers=arguments.workers)
     if arguments.json:
         json.dump([asdict(record) for record in report.records], sys.stdout, indent=1)
@@ -326,7 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--json", action="store_true", help="print a JSON list of records")
     verify.add_argument("--min-side", type=int, default=DEFAULT_MIN_SIDE)
     verify.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
-    verify.add_argument("--workers", type=int, default=0, help="threads (0: one per core)")
+    verify.add_argument("--decode-memory-mb", type=int, default=DEFAULT_DECODE_MEMORY_MB)
+    verify.add_argument("--decode-timeout-s", type=float, default=DEFAULT_DECODE_TIMEOUT_S)
+    verify.add_argument("--workers", type=int, default=0, help="processes (0: one per core)")
 
     _add_flow_commands(commands)  # run, serve
 

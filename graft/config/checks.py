@@ -1,63 +1,82 @@
 """Checks of validated params against this machine: the file system and the installed packages.
 
 :func:`graft.config.params.parse_params` only checks what the file says; whether its source
-folders exist here and whether this torchvision knows its architecture depends on where it
-runs. Each entry point checks what it needs, right after loading the params and before any
-work: ingest the sources, the training stages the architecture, ``graft check`` both. Every
-check raises :class:`~graft.config.params.ParamsError` naming every bad key at once, in the
-same format as a validation error.
+folders exist here and hold only what DVC can track, and whether this torchvision knows its
+architecture, depends on where it runs. Each entry point checks what it needs, right after
+loading the params and before any work: ingest the sources, the training stages the
+architecture, ``graft check`` both. Every check raises
+:class:`~graft.config.params.ParamsError` naming every bad key at once, in the same format as
+a validation error.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from graft.config.architecture import arch_problems, check_arch
 from graft.config.params import ROLES, Params, ParamsError, describe_problems
+from graft.data.sources import class_folders, invisible_collisions, look_alike_message, untrackable
 
 
 def source_problems(params: Params, root: Path = Path(".")) -> list[tuple[str, str]]:
-    """``(key, message)`` for every source folder that is missing or not a folder.
+    """``(key, message)`` for every source folder that is missing or not a folder, and for
+    every path in one that DVC cannot track or would see differently from graft (see
+    :func:`graft.data.sources.untrackable`; the first few of each source, then a count).
 
     A relative ``ingest.sources.<role>.uri`` is taken relative to ``root``, the folder holding
-    params.yaml; an absolute one as it is. Returns an empty list when every folder exists.
+    params.yaml; an absolute one as it is. Returns an empty list when every folder exists and
+    DVC can track all of it.
     """
     problems = []
     for role in ROLES:
         uri = params.ingest.sources.for_role(role).uri
-        if not (root / uri).is_dir():
-            message = f"source folder {str(uri)!r} does not exist or is not a folder"
-            problems.append((f"ingest.sources.{role}.uri", message))
+        key = f"ingest.sources.{role}.uri"
+        problems += [(key, message) for message in _folder_problems(root / uri, uri)]
     return problems
 
 
-def arch_problems(params: Params) -> list[tuple[str, str]]:
-    """``(key, message)`` when this torchvision has no classifier named ``pretrain.arch``.
+SHOWN = 10  # problems listed per source before the rest are counted
 
-    The message suggests known names sharing the first three letters (or the first few names).
-    Returns an empty list when the architecture is known. Imports torchvision on first use.
+
+def _folder_problems(folder: Path, uri: Path) -> list[str]:
+    if not folder.is_dir():
+        return [f"source folder {str(uri)!r} does not exist or is not a folder"]
+    try:
+        messages = untrackable(folder)
+    except OSError as error:
+        return [f"source folder {str(uri)!r} cannot be listed ({error.strerror})"]
+    # A renamed tree can hold thousands of bad names; the first few show what to fix.
+    if len(messages) <= SHOWN:
+        return messages
+    return [*messages[:SHOWN], f"and {len(messages) - SHOWN} more paths like these"]
+
+
+def source_warnings(params: Params, root: Path = Path(".")) -> list[tuple[str, str]]:
+    """``(key, message)`` for every group of class folders of one source whose names look the
+    same to a person (see :func:`graft.data.sources.invisible_collisions`).
+
+    A warning, not a problem: they are different classes to graft and DVC, which may be meant.
+    ``root`` as for :func:`source_problems`; sources that are not folders are left to it.
     """
-    # Imported here: torchvision takes seconds to import, and most callers never need it.
-    from graft.training.models import unknown_architecture
-
-    problem = unknown_architecture(params.pretrain.arch)
-    return [("pretrain.arch", problem)] if problem else []
+    warnings = []
+    for role in ROLES:
+        folder = root / params.ingest.sources.for_role(role).uri
+        try:
+            groups = invisible_collisions(class_folders(folder))
+        except OSError:
+            continue  # no folder to warn about: source_problems reports it
+        warnings += [(f"ingest.sources.{role}.uri", look_alike_message(g)) for g in groups]
+    return warnings
 
 
 def check_sources(params: Params, root: Path = Path("."), *, origin: str = "params") -> None:
-    """Raise ParamsError naming every ``ingest.sources.<role>.uri`` that is not a folder.
+    """Raise ParamsError naming every ``ingest.sources.<role>.uri`` that is not a folder or
+    holds a path DVC cannot track (see :func:`source_problems`).
 
     ``root`` is the folder holding params.yaml (relative source paths are relative to it);
     ``origin`` names the params file in the message.
     """
     _raise_if_any(origin, source_problems(params, root))
-
-
-def check_arch(params: Params, *, origin: str = "params") -> None:
-    """Raise ParamsError when this torchvision does not know ``pretrain.arch``.
-
-    ``origin`` names the params file in the message.
-    """
-    _raise_if_any(origin, arch_problems(params))
 
 
 def check_machine(params: Params, root: Path = Path("."), *, origin: str = "params") -> None:
@@ -71,3 +90,6 @@ def check_machine(params: Params, root: Path = Path("."), *, origin: str = "para
 def _raise_if_any(origin: str, problems: list[tuple[str, str]]) -> None:
     if problems:
         raise ParamsError(describe_problems(origin, problems))
+
+
+__all__ = ["check_arch", "check_machine", "check_sources", "source_problems", "source_warnings"]

@@ -4,25 +4,30 @@ Output: ``paths.ingest.dataset`` holds ``manifest.csv`` (every file seen, with i
 ``images/<sha256[:2]>/<sha256>`` (each accepted image's exact bytes, stored once). DVC versions
 that folder, so the images behind any past model can be fetched again. Reports for people go to
 ``paths.ingest.rejected`` (CSV) and ``paths.ingest.summary`` (Markdown).
+
+The class folders a user laid out are a contract: one that ends with no accepted image fails
+the stage (``ingest.lost_class: fail``), or is left out and reported (``warn``); it never
+vanishes silently.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-from collections import Counter
-from dataclasses import asdict
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from graft import atomic
-from graft.config.params import ROLES, Ingest
+from graft.config.params import ROLES, Ingest, Role
 from graft.data import schemas
 from graft.data.layout import image_path, manifest_path
 from graft.data.reports import class_counts_markdown
-from graft.data.verify import CheckSettings, FolderReport, verify_folder
+from graft.data.sources import class_folders, invisible_collisions, look_alike_message
+from graft.data.verify import CheckSettings, FileRecord, FolderReport, verify_folder
 from graft.data.verify_cache import VerifyCache
 from graft.errors import GraftError
 
@@ -30,19 +35,30 @@ NOT_COUNTED = ("accepted", "duplicate")  # verdicts that do not use up the rejec
 
 
 class IngestError(GraftError):
-    """A source broke its rejection budget."""
+    """A source broke its rejection budget, or lost a class with ``ingest.lost_class: fail``."""
 
 
-def build_manifest(reports: dict[str, FolderReport]) -> pd.DataFrame:
+@dataclass(frozen=True)
+class SourceReport:
+    """What ingesting one role's source found: its folder report, the class folders that
+    ended with no accepted image (class name -> why, in class order) and the groups of class
+    names that look the same to a person (see graft.data.sources.invisible_collisions)."""
+
+    folder: FolderReport
+    lost: dict[str, str]
+    look_alike: list[tuple[str, ...]]
+
+
+def build_manifest(reports: dict[str, SourceReport]) -> pd.DataFrame:
     """The manifest: one row per file of every role's report, in role and path order.
 
-    ``reports`` maps a role to its folder report. Raises TableError when a row breaks the
-    manifest schema (for instance an accepted image twice in one role).
+    ``reports`` maps a role to its report. Raises TableError when a row breaks the manifest
+    schema (for instance an accepted image twice in one role).
     """
     rows = [
         {"role": role, **asdict(record)}
         for role, report in reports.items()
-        for record in report.records
+        for record in report.folder.records
     ]
     frame = pd.DataFrame(rows, columns=list(schemas.MANIFEST.columns))
     frame = frame.astype({"width": "Int64", "height": "Int64", "bytes": "Int64"})
@@ -68,31 +84,89 @@ def check_reject_budget(role: str, report: FolderReport, budget: float) -> None:
         )
 
 
-def summarise(reports: dict[str, FolderReport]) -> dict[str, dict[str, Any]]:
+def lost_classes(classes: list[str], records: list[FileRecord]) -> dict[str, str]:
+    """Each of ``classes`` (class folder names) with no accepted record, and why, in order.
+
+    ``records`` are a folder's records. The reason is ``no files to verify ...`` for a folder
+    with nothing graft reads, else how many files were rejected and for what, most common
+    verdict first. Returns an empty dict when every class kept an image.
+    """
+    verdicts: defaultdict[str, Counter[str]] = defaultdict(Counter)
+    for record in records:
+        verdicts[record.label][record.verdict] += 1
+    return {name: _why_lost(verdicts[name]) for name in classes if not verdicts[name]["accepted"]}
+
+
+def _why_lost(verdicts: Counter[str]) -> str:
+    total = sum(verdicts.values())
+    if not total:
+        return "no files to verify (empty, or only hidden files and linked folders)"
+    counts = ", ".join(f"{verdict}: {n}" for verdict, n in verdicts.most_common())
+    files = "its only file" if total == 1 else f"all {total} files"
+    return f"{files} rejected ({counts})"
+
+
+def check_lost_classes(role: str, lost: dict[str, str], setting: str) -> None:
+    """Fail when a class folder of ``role`` kept no image and ``ingest.lost_class`` is
+    ``fail`` (``setting``); with ``warn``, do nothing (the reports list them).
+
+    ``lost`` is :func:`lost_classes`. Raises IngestError naming every lost class and why.
+    """
+    if not lost or setting == "warn":
+        return
+    listed = "; ".join(f"{name!r}: {why}" for name, why in lost.items())
+    raise IngestError(
+        f"source {role!r}: {len(lost)} class folder(s) with no accepted image, which the model "
+        f"would silently lack: {listed}. Add images to them, remove them, or set "
+        "ingest.lost_class: warn to go on without them"
+    )
+
+
+def summarise(reports: dict[str, SourceReport]) -> dict[str, dict[str, Any]]:
     """Counts per role: files, verdicts, accepted images per class (the metrics file).
 
-    Returns ``{role: {files, accepted, rejected, skipped, classes, verdicts,
-    accepted_per_class}}``, ``verdicts`` with every verdict of schemas.VERDICTS (0 when none).
+    Returns ``{role: {files, accepted, rejected, skipped, classes, lost_classes, verdicts,
+    accepted_per_class, accepted_with_warning}}``: ``classes`` counts the classes that kept an
+    image,
+    ``lost_classes`` the class folders that kept none; ``verdicts`` holds every verdict of
+    schemas.VERDICTS (0 when none).
     """
     summary: dict[str, dict[str, Any]] = {}
     for role, report in reports.items():
-        verdicts = Counter(record.verdict for record in report.records)
-        accepted = report.accepted()
+        records = report.folder.records
+        verdicts = Counter(record.verdict for record in records)
+        accepted = report.folder.accepted()
         per_class = Counter(record.label for record in accepted)
         summary[role] = {
-            "files": len(report.records),
+            "files": len(records),
             "accepted": len(accepted),
-            "rejected": len(report.records) - len(accepted),
-            "skipped": sum(report.skipped.values()),
+            "rejected": len(records) - len(accepted),
+            "skipped": sum(report.folder.skipped.values()),
             "classes": len(per_class),
+            "lost_classes": len(report.lost),
+            "accepted_with_warning": sum(1 for record in accepted if record.reason),
             "verdicts": {verdict: verdicts.get(verdict, 0) for verdict in schemas.VERDICTS},
             "accepted_per_class": dict(sorted(per_class.items())),
         }
     return summary
 
 
-def render_summary(manifest: pd.DataFrame, reports: dict[str, FolderReport]) -> str:
-    """The Markdown report: files per class and verdict for each role, and what was skipped.
+def warnings_of(report: SourceReport) -> list[str]:
+    """What a person should look at in one role's report: each lost class (only reported
+    with ``ingest.lost_class: warn``), each group of look-alike class names, and each
+    accepted image that came with a warning (an EXIF orientation not applied, a high bit
+    depth that collapsed)."""
+    lost = [
+        f"class {name!r} has no accepted image and is left out: {why}"
+        for name, why in report.lost.items()
+    ]
+    accepted = [f"{r.path}: {r.reason}" for r in report.folder.accepted() if r.reason]
+    return lost + [look_alike_message(group) for group in report.look_alike] + accepted
+
+
+def render_summary(manifest: pd.DataFrame, reports: dict[str, SourceReport]) -> str:
+    """The Markdown report: files per class and verdict for each role, what was skipped, and
+    warnings (lost classes, look-alike class names).
 
     ``manifest`` is :func:`build_manifest` of ``reports``. Only verdicts that occur get a column.
     """
@@ -105,10 +179,14 @@ def render_summary(manifest: pd.DataFrame, reports: dict[str, FolderReport]) -> 
         # Only what the data determines: how many files the cache spared is logged, not
         # written, so a run with a warm cache produces the same report as a cold one.
         lines += [f"## {role}", "", f"{len(rows)} files."]
-        if report.skipped:
-            skipped = ", ".join(f"{reason}: {n}" for reason, n in sorted(report.skipped.items()))
-            lines.append(f"Skipped: {skipped}.")
+        skipped = report.folder.skipped
+        if skipped:
+            counts = ", ".join(f"{reason}: {n}" for reason, n in sorted(skipped.items()))
+            lines.append(f"Skipped: {counts}.")
         lines += ["", class_counts_markdown(table), ""]
+        warnings = warnings_of(report)
+        if warnings:
+            lines += [*(f"- Warning: {warning}" for warning in warnings), ""]
     return "\n".join(lines)
 
 
@@ -124,25 +202,38 @@ def link_or_copy(source: Path, target: Path) -> None:
 
 def ingest(
     settings: Ingest, dataset: Path, cache_folder: Path
-) -> tuple[pd.DataFrame, dict[str, FolderReport]]:
+) -> tuple[pd.DataFrame, dict[str, SourceReport]]:
     """Verify all sources and write ``dataset`` (images by hash + manifest) atomically.
 
     Sources are verified in role order with the verdict cache under ``cache_folder``. Returns
-    the manifest and each role's folder report. Raises IngestError when a source breaks its
-    rejection budget, before anything is written; ``dataset`` is then left as it was.
+    the manifest and each role's report. Raises IngestError when a source breaks its
+    rejection budget, or loses a class folder with ``ingest.lost_class: fail``, before
+    anything is written; ``dataset`` is then left as it was.
     """
-    check = CheckSettings(min_side=settings.min_side, max_pixels=settings.max_pixels)
-    reports: dict[str, FolderReport] = {}
+    check = CheckSettings.of(settings)
+    reports: dict[str, SourceReport] = {}
     with VerifyCache(cache_folder) as cache:
         for role in ROLES:
-            source = settings.sources.for_role(role)
-            reports[role] = verify_folder(
-                source.uri, check, cache=cache, workers=settings.workers, what=f"verify {role}"
-            )
-            check_reject_budget(role, reports[role], source.max_reject_fraction)
+            reports[role] = _ingest_source(role, settings, check, cache)
         manifest = build_manifest(reports)
         with atomic.atomic_path(dataset, directory=True) as staging:
             for sha256 in sorted(set(manifest.loc[manifest["verdict"] == "accepted", "sha256"])):
                 link_or_copy(cache.object_path(sha256), image_path(staging, sha256))
             manifest.to_csv(manifest_path(staging), index=False, lineterminator="\n")
     return manifest, reports
+
+
+def _ingest_source(
+    role: Role, settings: Ingest, check: CheckSettings, cache: VerifyCache
+) -> SourceReport:
+    """Verify one role's source and hold it to its rejection budget and its classes."""
+    source = settings.sources.for_role(role)
+    # Listed before verifying: a class folder removed meanwhile is lost, as it should be.
+    classes = class_folders(source.uri)
+    folder = verify_folder(
+        source.uri, check, cache=cache, workers=settings.workers, what=f"verify {role}"
+    )
+    check_reject_budget(role, folder, source.max_reject_fraction)
+    lost = lost_classes(classes, folder.records)
+    check_lost_classes(role, lost, settings.lost_class)
+    return SourceReport(folder, lost, invisible_collisions(classes))
