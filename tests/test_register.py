@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import yaml
 from helpers import ROOT
 
 from graft.config.params import load_params
-from graft.registry.register import data_summary, gate_failures, used_params
+from graft.registry.register import data_summary, gate_failures, render_markdown, used_params
 
 
 def metrics(accuracy: float, recalls: dict[str, float]) -> dict[str, object]:
@@ -51,3 +53,36 @@ def test_card_params_are_exactly_the_params_the_stage_declares() -> None:
     }
     assert card_keys == set(declared)
     assert "register.max_drop_vs_prod" not in card_keys
+
+
+def test_the_card_shows_target_images_found_in_pretraining_and_near_duplicate_groups() -> None:
+    near = {
+        "pretrain": {"groups": 2, "images": 5, "largest": 3, "label_conflicts": 0},
+        "target": {"groups": 1, "images": 2, "largest": 2, "label_conflicts": 1},
+        "pretrain_overlap": {"images": 3, "excluded": 3},
+    }
+    split = {"target": {"test": {"total": 2, "classes": {"a": 1, "b": 1}}}}
+    data = data_summary({}, {**split, "near_duplicates": near})
+    assert data["splits"] == split and data["near_duplicates"] == near
+    card: dict[str, Any] = {
+        "name": "m",
+        "architecture": "resnet18",
+        "classes": ["a", "b"],
+        "input": {"image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3},
+        "metrics": {"accuracy": 1.0, "macro_f1": 1.0, "test_images": 2, "per_class": {}},
+        "training": {"init": "scratch", "seed": 1, "device_setting": "cpu"},
+        "weights_provenance": {"backbone": {"init": "scratch", "arch": "resnet18", "classes": []}},
+        "data": data,
+        "params": {
+            "split": {"near_duplicates": {"max_distance": 8, "pretrain_overlap": "exclude"}}
+        },
+        "inputs_sha256": {},
+    }
+    text = render_markdown(card)
+    assert (
+        "- Target images also in the pretraining corpus (identical or within 8 bits): 3, "
+        "3 excluded from the target splits" in text
+    )
+    assert "- Near-duplicate groups (target): 1 (2 images), 1 under two or more labels" in text
+    card["params"]["split"]["near_duplicates"]["pretrain_overlap"] = "report"
+    assert "3, kept in the target splits" in render_markdown(card)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from graft import atomic
-from graft.config.params import Params, Register
+from graft.config.params import ROLES, Params, Register
 from graft.data.layout import manifest_path
 from graft.errors import GraftError
 from graft.hashing import file_sha256
@@ -60,8 +60,9 @@ def read_json(path: Path) -> Any:
 
 def data_summary(ingest_metrics: dict[str, Any], split_metrics: dict[str, Any]) -> dict[str, Any]:
     """The card's data section from the ingest and split stages' metrics: accepted images per
-    role (total and per class), images per role, split and class, and rejected files per role
-    and reason (reasons with none left out). Raises nothing for missing counts."""
+    role (total and per class), images per role, split and class, rejected files per role
+    and reason (reasons with none left out), and the split's near-duplicate findings (None
+    when the split metrics predate them). Raises nothing for missing counts."""
     rejected = {
         role: {
             verdict: count
@@ -74,7 +75,39 @@ def data_summary(ingest_metrics: dict[str, Any], split_metrics: dict[str, Any]) 
         role: {"total": counts.get("accepted"), "classes": counts.get("accepted_per_class", {})}
         for role, counts in ingest_metrics.items()
     }
-    return {"accepted": accepted, "splits": split_metrics, "rejected": rejected}
+    splits = {role: counts for role, counts in split_metrics.items() if role in ROLES}
+    return {
+        "accepted": accepted,
+        "splits": splits,
+        "rejected": rejected,
+        "near_duplicates": split_metrics.get("near_duplicates"),
+    }
+
+
+def _near_duplicate_lines(card: dict[str, Any]) -> list[str]:
+    """The card's near-duplicate findings for people; none for a card without them."""
+    found = card["data"].get("near_duplicates")
+    if not found:
+        return []
+    rule = card["params"]["split"]["near_duplicates"]
+    overlap = found["pretrain_overlap"]
+    fate = (
+        f"{overlap['excluded']} excluded from the target splits"
+        if rule["pretrain_overlap"] == "exclude"
+        else "kept in the target splits (`split.near_duplicates.pretrain_overlap: report`)"
+    )
+    lines = [
+        f"- Target images also in the pretraining corpus (identical or within "
+        f"{rule['max_distance']} bits): {overlap['images']}, {fate}"
+    ]
+    for role in ROLES:
+        role_found = found[role]
+        lines.append(
+            f"- Near-duplicate groups ({role}): {role_found['groups']} "
+            f"({role_found['images']} images), {role_found['label_conflicts']} under two "
+            "or more labels"
+        )
+    return lines
 
 
 def used_params(params: Params) -> dict[str, Any]:
@@ -189,6 +222,7 @@ def render_markdown(card: dict[str, Any]) -> str:
     for role, reasons in card["data"]["rejected"].items():
         listed = ", ".join(f"{reason}: {n}" for reason, n in reasons.items()) or "none"
         lines.append(f"- Rejected ({role}): {listed}")
+    lines += _near_duplicate_lines(card)
     lines += ["", "## Inputs (sha256)", ""]
     lines += [f"- {name}: `{digest}`" for name, digest in card["inputs_sha256"].items()]
     lines += [
