@@ -3,10 +3,9 @@
 Generates N synthetic 500x375 JPEGs in two classes (like Cats-vs-Dogs ``PetImages``) with a
 few broken files mixed in, then measures:
 
-- graft's verification, cold: ``graft verify`` (every file read, hashed and fully decoded
+- graft's verification, cold: ``graft verify`` (every file read and hashed, fully decoded
   through training's path in worker processes under a memory and time budget, and hashed
-  perceptually),
-  and as ingest runs it (the same, plus each accepted image's bytes stored by hash);
+  perceptually), and as ingest runs it (the same, plus each accepted image's bytes stored);
 - the tutorial check: open each file and call ``Image.verify()``, one core;
 - a plain full decode of each file, one core;
 - graft's verification again after adding 1% new files (only those are decoded);

@@ -30,7 +30,7 @@ VERDICTS = (
 SPLITS = ("train", "val", "test")
 
 _SHA256 = pa.Check.str_matches(r"^[0-9a-f]{64}$")
-_PHASH = pa.Check.str_matches(r"^[0-9a-f]{16}$")  # 64-bit perceptual hash, graft.data.near_duplicates
+_PHASH = pa.Check.str_matches(r"^[0-9a-f]{16}$")  # 64-bit, graft.data.near_duplicates
 _NON_EMPTY = pa.Check.str_length(min_value=1)
 
 MANIFEST = pa.DataFrameSchema(
