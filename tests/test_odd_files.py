@@ -6,6 +6,7 @@ by tests/odd_files.py; the last test runs the real fixtures too, where this mach
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -82,6 +83,18 @@ def test_a_frame_larger_than_its_container_says_is_stopped(tmp_path: Path) -> No
     assert (found["a/guarded.icns"].width, found["a/guarded.icns"].height) == (256, 256)
     assert found["a/over-budget.icns"].verdict == "too_large"
     assert "ingest.decode_memory_mb = 256 MiB" in found["a/over-budget.icns"].reason
+
+
+def test_a_file_larger_than_the_memory_budget_is_never_read_into_memory(tmp_path: Path) -> None:
+    video = write(tmp_path, {"a/video.jpg": b"\xff\xd8\xff"}) / "a/video.jpg"
+    size = 300 * 1024 * 1024
+    os.truncate(video, size)  # sparse: 300 MiB on paper, nothing on disk
+    record = verdicts(tmp_path)["a/video.jpg"]  # a budget of 256 MiB
+    assert record.verdict == "too_large"
+    assert record.reason == (
+        f"the file ({size} bytes) is larger than ingest.decode_memory_mb = 256 MiB"
+    )
+    assert record.sha256 is not None and record.bytes == size
 
 
 def test_a_decode_slower_than_the_limit_is_a_timeout(tmp_path: Path) -> None:

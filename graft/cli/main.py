@@ -16,7 +16,11 @@ from typing import Any
 
 from graft.cli.registry import add_commands as add_registry_commands
 from graft.config.params import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, DEFAULT_PARAMS, load_params
-from graft.config.settings import DEFAULT_DECODE_MEMORY_MB, DEFAULT_DECODE_TIMEOUT_S
+from graft.config.settings import (
+    DEFAULT_DECODE_MEMORY_MB,
+    DEFAULT_DECODE_TIMEOUT_S,
+    MIN_DECODE_MEMORY_MB,
+)
 from graft.errors import GraftError, run_main
 
 
@@ -43,6 +47,11 @@ def _verify(arguments: argparse.Namespace) -> None:
 
     if not arguments.folder.is_dir():
         raise GraftError(f"{arguments.folder} is not a folder")
+    if arguments.decode_memory_mb < MIN_DECODE_MEMORY_MB or arguments.decode_timeout_s <= 0:
+        raise GraftError(
+            f"--decode-memory-mb must be at least {MIN_DECODE_MEMORY_MB} (a decoding process's "
+            "own libraries take about 110 MiB) and --decode-timeout-s above 0"
+        )
     settings = CheckSettings(
         arguments.min_side, arguments.max_pixels,
         arguments.decode_memory_mb, arguments.decode_timeout_s,

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 DEFAULT_MIN_SIDE = 8
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold
 DEFAULT_DECODE_MEMORY_MB = 2048  # room for a max_pixels RGBA image and its conversions
+MIN_DECODE_MEMORY_MB = 256  # a decoding process's own libraries take about 110 MiB
 DEFAULT_DECODE_TIMEOUT_S = 60.0
 DEFAULT_PNG_MAX_TEXT_CHUNK = 1024 * 1024  # Pillow's own PngImagePlugin.MAX_TEXT_CHUNK
 DEFAULT_PNG_MAX_TEXT_MEMORY = 64 * 1024 * 1024  # Pillow's own PngImagePlugin.MAX_TEXT_MEMORY
@@ -99,7 +100,7 @@ class Ingest(StrictModel):
     sources: Sources
     min_side: int = Field(default=DEFAULT_MIN_SIDE, ge=1)
     max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1)
-    decode_memory_mb: int = Field(default=DEFAULT_DECODE_MEMORY_MB, ge=64)
+    decode_memory_mb: int = Field(default=DEFAULT_DECODE_MEMORY_MB, ge=MIN_DECODE_MEMORY_MB)
     decode_timeout_s: float = Field(default=DEFAULT_DECODE_TIMEOUT_S, gt=0)
     png_max_text_chunk: int = Field(default=DEFAULT_PNG_MAX_TEXT_CHUNK, ge=1)
     png_max_text_memory: int = Field(default=DEFAULT_PNG_MAX_TEXT_MEMORY, ge=1)

@@ -45,14 +45,14 @@ def check_image_bytes(data: bytes, *, min_side: int, max_pixels: int) -> ImageCh
 
     ``min_side`` (pixels) bounds the shorter side from below, ``max_pixels`` (width x height)
     the area from above; both are checked from the header, before any pixel is decoded. Then
-    the checksums the format carries are checked, the first frame is fully decoded and goes
-    through training's path (:func:`upright_rgb`, a resize). Verdicts: ``zero_byte``,
+    the checksums the format carries are checked, the first frame is fully decoded through
+    training's path (graft.data.decoding.upright_rgb) and hashed. Verdicts: ``zero_byte``,
     ``not_image`` (no known image signature), ``corrupt`` (a known signature whose header,
     checksums or data are broken), ``unsupported`` (a format Pillow recognises but cannot
     decode here; the reason says what would), ``too_small``, ``too_large`` (the header, or
     one of Pillow's limits: the reason names it) and ``accepted``. A ``MemoryError`` is left
     to the caller, which knows the memory budget it ran under. Uses Pillow's process-wide
-    limits (:func:`configure_pillow`) and changes no process-wide state.
+    limits (graft.data.decoding.configure_pillow) and changes no process-wide state.
     """
     if not data:
         return ImageCheck("zero_byte", "file is empty")

@@ -29,7 +29,7 @@ from graft.data.decoding import PillowLimits, configure_pillow
 from graft.data.image_check import ImageCheck, check_image_bytes
 from graft.data.sources import SourceFile, display_name, scan_folder
 from graft.data.verify_cache import FileStat, VerifyCache, store_object
-from graft.hashing import sha256_hex
+from graft.hashing import file_sha256, sha256_hex
 from graft.progress import Progress
 
 # Bump when check_image_bytes would judge some bytes differently: old cached verdicts expire.
@@ -146,12 +146,16 @@ def _check(task: _Task) -> tuple[FileRecord, FileStat | None]:
             reason = "not a regular file (a named pipe, socket or device)"
             return FileRecord(file.relative, file.label, "unreadable", reason), None
         stat = FileStat.of(status)
+        settings = task.settings
+        if status.st_size > settings.decode_memory_mb * 1024 * 1024:  # never read into memory
+            reason = f"the file ({status.st_size} bytes) is larger than {_budget(settings)}"
+            record = FileRecord(file.relative, file.label, "too_large", reason)
+            return replace(record, sha256=file_sha256(Path(file.path)), bytes=status.st_size), stat
         with open(file.path, "rb") as stream:
             data = stream.read()
     except OSError as error:
         return FileRecord(file.relative, file.label, "unreadable", _unreadable(file, error)), None
     sha256 = sha256_hex(data)
-    settings = task.settings
     try:
         check = check_image_bytes(data, min_side=settings.min_side, max_pixels=settings.max_pixels)
     except MemoryError:
@@ -167,9 +171,13 @@ def _unreadable(file: SourceFile, error: OSError) -> str:
     return f"{type(error).__name__}: {error.strerror}"
 
 
+def _budget(settings: CheckSettings) -> str:
+    return f"ingest.decode_memory_mb = {settings.decode_memory_mb} MiB"
+
+
 def _over_memory(settings: CheckSettings) -> str:
     return (
-        f"decoding needs more than ingest.decode_memory_mb = {settings.decode_memory_mb} MiB "
+        f"decoding needs more than {_budget(settings)} "
         "(a frame, tile or embedded image larger than the header says)"
     )
 
