@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 from graft.atomic import atomic_path
 from graft.config.yaml12 import parse_yaml
@@ -28,8 +29,13 @@ RWLOCK = Path(".dvc", "tmp", "rwlock")
 
 
 def lockfile_is_whole(path: Path) -> bool:
-    """Whether the file at ``path`` is a dvc.lock that DVC's own lockfile schema accepts.
-    A missing file is whole (nothing recorded yet). Raises OSError when it cannot be read."""
+    """Whether the file at ``path`` is a dvc.lock that DVC's own lockfile schema accepts and
+    whose every dep and out carries its hash. A missing file is whole (nothing recorded yet).
+    Raises OSError when it cannot be read.
+
+    The hashes matter because a file cut at a line boundary can still be valid YAML that the
+    schema accepts: an entry left with its ``path`` alone is one DVC was still writing.
+    """
     from dvc.schema import COMPILED_LOCKFILE_SCHEMA  # DVC only when asked for
 
     try:
@@ -37,10 +43,29 @@ def lockfile_is_whole(path: Path) -> bool:
     except FileNotFoundError:
         return True
     try:
-        COMPILED_LOCKFILE_SCHEMA(parse_yaml(text))
+        lock = COMPILED_LOCKFILE_SCHEMA(parse_yaml(text))
     except Exception:  # any YAML or schema error: DVC cannot read it either
         return False
-    return True
+    return all(_hashed(entry) for entry in _entries(lock))
+
+
+def _entries(lock: dict[str, Any]) -> list[dict[str, Any]]:
+    stages = lock.get("stages") or {}
+    return [
+        entry
+        for stage in stages.values()
+        for kind in ("deps", "outs")
+        for entry in stage.get(kind) or []
+    ]
+
+
+def _hashed(entry: dict[str, Any]) -> bool:
+    # DVC 3 names the hash in ``hash`` (``hash: md5`` then ``md5: ...``); DVC 2 wrote the
+    # value alone. Either way a finished entry has a hash value beside its path.
+    algorithm = entry.get("hash")
+    if algorithm is not None:
+        return bool(entry.get(algorithm))
+    return any(entry.get(key) for key in ("md5", "etag", "checksum"))
 
 
 def keep_whole_copy(root: Path) -> None:

@@ -41,9 +41,12 @@ def test_a_cut_short_dvc_lock_is_put_back_from_its_last_whole_copy(locked: Path)
     lockfile = locked / LOCKFILE
     whole = lockfile.read_text()
     keep_whole_copy(locked)
-    lockfile.write_text(whole[: len(whole) // 2])  # killed while DVC was writing it
+    # Killed while DVC was writing it, at a line boundary: still YAML that DVC's schema takes,
+    # but the entry it was writing has its path and nothing else.
+    entry = whole.index("- path:", len(whole) // 2)
+    lockfile.write_text(whole[: whole.index("\n", entry) + 1])
     assert not lockfile_is_whole(lockfile)
-    assert dvc_status(locked).returncode != 0  # DVC refuses the project as it is
+    assert "up to date" not in dvc_status(locked).stdout  # DVC misreads the project as it is
     (repair,) = repair_dvc_files(locked)
     assert "put back its last whole copy" in repair
     assert lockfile.read_text() == whole
