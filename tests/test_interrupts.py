@@ -70,7 +70,12 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # The flow in a process of its own, as a worker's or `graft serve`'s flow-run process runs it:
 # Prefect's own signal handling, none of graft run's.
-FLOW_PROCESS = "import sys; from flows.pipeline import pipeline; pipeline(stages=sys.argv[1:])"
+# SIGHUP as a worker leaves it for its flow-run processes, even when the tests run under
+# `nohup` (which makes every child ignore it, and a hangup then rightly does nothing).
+FLOW_PROCESS = (
+    "import signal, sys; signal.signal(signal.SIGHUP, signal.SIG_DFL); "
+    "from flows.pipeline import pipeline; pipeline(stages=sys.argv[1:])"
+)
 
 
 class GraftRun:
