@@ -198,12 +198,11 @@ def _lost(task: _Task, outcome: Outcome[tuple[FileRecord, FileStat | None]]) -> 
             "corrupt",
             f"the decoder crashed its process (exit code {outcome.exit_code})",
         )
-    try:  # hashed here, so the report can name the content; the decode is not retried
-        with open(file.path, "rb") as stream:
-            data = stream.read()
+    try:  # hashed here, streamed, so the report can name the content; no decode again
+        size, sha256 = os.stat(file.path).st_size, file_sha256(Path(file.path))
     except OSError:
         return FileRecord(file.relative, file.label, verdict, reason)
-    return FileRecord(file.relative, file.label, verdict, reason, sha256_hex(data), len(data))
+    return FileRecord(file.relative, file.label, verdict, reason, sha256, size)
 
 
 def _run_checks(
