@@ -317,7 +317,9 @@ def main() -> None:
         )  # fmt: skip
         save_checkpoint(checkpoint, start, meta)
         train_images = int(((splits["role"] == "target") & (splits["split"] == "train")).sum())
-        test_set = load_split(splits, dataset, role="target", split="test", size=arguments.size)
+        test_set = load_split(
+            splits, dataset, root / "decoded", role="target", split="test", size=arguments.size
+        )
         epochs = arguments.epochs
 
         def settings(scope: str, unfreeze_epochs: int) -> Finetune:

@@ -34,7 +34,14 @@ def main() -> None:
         [params.finetune, params.common, arch],
         [params.paths.split.splits, manifest_path(dataset)],
         lambda resume: finetune(
-            splits, dataset, params.finetune, params.common, backbone=None, arch=arch, resume=resume
+            splits,
+            dataset,
+            params.finetune,
+            params.common,
+            backbone=None,
+            arch=arch,
+            resume=resume,
+            decoded=params.paths.decoded,
         ),
     )
 

@@ -37,6 +37,7 @@ def main() -> None:
         dataset,
         params.evaluate,
         params.common,
+        decoded=params.paths.decoded,
     )
     out = params.paths.evaluate
     atomic.write_csv(out.predictions, scored.predictions)

@@ -38,6 +38,7 @@ def main() -> None:
             backbone=backbone,
             arch=params.pretrain.arch,
             resume=resume,
+            decoded=params.paths.decoded,
         ),
     )
 

@@ -26,7 +26,14 @@ def main() -> None:
         params.paths.pretrain,
         [params.pretrain, params.common],
         [params.paths.split.splits, manifest_path(dataset)],
-        lambda resume: pretrain(splits, dataset, params.pretrain, params.common, resume=resume),
+        lambda resume: pretrain(
+            splits,
+            dataset,
+            params.pretrain,
+            params.common,
+            resume=resume,
+            decoded=params.paths.decoded,
+        ),
     )
 
 

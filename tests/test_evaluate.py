@@ -16,7 +16,6 @@ from helpers import run, tiny_params
 from PIL import Image
 
 from graft.config.params import Common, Evaluate, ParamsError, parse_params
-from graft.data.layout import image_path
 from graft.evaluation.evaluate import (
     SplitPredictions,
     calibration_table,
@@ -180,7 +179,7 @@ def store(dataset: Path, image: Image.Image) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     sha = hashlib.sha256(buffer.getvalue()).hexdigest()
-    path = image_path(dataset, sha)
+    path = dataset / "images" / sha[:2] / sha  # the one-file-per-image layout, still read
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(buffer.getvalue())
     return sha

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from graft.config.params import Common
-from graft.data.loaders import ImageSet, make_loader
+from graft.data.loaders import ImageSet, InMemoryImages, make_loader
 from graft.training.device import Speed
 from graft.training.loop import fit, measure
 from graft.training.models import build_model
@@ -64,7 +64,8 @@ def test_channels_last_gives_the_same_predictions() -> None:
 
 def test_pinned_batches_only_for_cuda() -> None:
     images = ImageSet(
-        torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.zeros(4, dtype=torch.int64),
+        InMemoryImages(torch.zeros(4, 3, 8, 8, dtype=torch.uint8)),
+        torch.zeros(4, dtype=torch.int64),
         ["a"], ["0" * 64] * 4, ["x.png"] * 4,
     )  # fmt: skip
     inputs, _ = next(iter(make_loader(images, _common(pin_memory=True), batch_size=2)))

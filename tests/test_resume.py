@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from graft.config.params import Augment, Common
-from graft.data.loaders import ImageSet, make_loader
+from graft.data.loaders import ImageSet, InMemoryImages, make_loader
 from graft.training.determinism import seeded
 from graft.training.history import EpochResult, FitOutcome
 from graft.training.loop import Interrupted, fit
@@ -23,7 +23,9 @@ def run(resume: Path | None, stop_after: int | None = None) -> tuple[torch.nn.Mo
         model = build_model("resnet18", 3)
         images = torch.randint(0, 256, (24, 3, 16, 16), dtype=torch.uint8)
         labels = torch.arange(24) % 3
-        data = ImageSet(images, labels, ["a", "b", "c"], ["0" * 64] * 24, ["x"] * 24)
+        data = ImageSet(
+            InMemoryImages(images), labels, ["a", "b", "c"], ["0" * 64] * 24, ["x"] * 24
+        )
         train = make_loader(data, COMMON, batch_size=8, augment=Augment(rotation=10), shuffle=True)
         val = make_loader(data, COMMON, batch_size=8)
 

@@ -41,6 +41,5 @@ def test_past_revision_images_come_back_from_the_remote(
 
     sha = row["sha256"]
     fetched = tmp_path / "fetched.png"
-    image = f"data/ingested/images/{sha[:2]}/{sha}"
-    run(["dvc", "get", str(repo), image, "--rev", first, "-o", str(fetched)], tmp_path)
+    run(["graft", "lineage", "image", sha, "--rev", first, "-o", str(fetched)], repo)
     assert fetched.read_bytes() == removed_bytes

@@ -157,8 +157,19 @@ def _diff(arguments: argparse.Namespace) -> None:
         print(f"  {key}: {values['a']} -> {values['b']}{delta}")
 
 
+def _image(arguments: argparse.Namespace) -> None:
+    from graft.atomic import atomic_path
+    from graft.hashing import sha256_hex
+    from graft.registry.images import image_bytes
+
+    data = image_bytes(arguments.root.resolve(), arguments.sha256, arguments.rev)
+    with atomic_path(arguments.out) as temporary:
+        temporary.write_bytes(data)
+    print(f"{arguments.out}: {len(data)} bytes, sha256 {sha256_hex(data)}")
+
+
 def add_commands(commands: Any) -> None:
-    """Add ``publish`` and ``lineage`` (show, which-models, diff) to ``commands``, the
+    """Add ``publish`` and ``lineage`` (show, which-models, diff, image) to ``commands``, the
     ``graft`` parser's subparsers; each parsed command carries its ``handler``. Raises
     argparse.ArgumentError when a command of the same name is already there."""
     publish = commands.add_parser(
@@ -197,6 +208,16 @@ def add_commands(commands: Any) -> None:
     diff = actions.add_parser("diff", help="images, params, code and metrics from A to B")
     diff.add_argument("a")
     diff.add_argument("b")
+    image = actions.add_parser(
+        "image",
+        help="one ingested image, byte for byte, at any revision (from the DVC cache or remote)",
+        description="SHA256: the image's content hash, as the manifest and lineage list it.",
+    )
+    image.add_argument("sha256")
+    image.add_argument("--rev", default="HEAD", help="git revision or version tag (default HEAD)")
+    image.add_argument("-o", "--out", type=Path, required=True, help="file to write")
+    image.add_argument("--root", type=Path, default=Path("."), help="project root")
+    image.set_defaults(handler=_image)
     for parser, handler in ((show, _show), (which, _which_models), (diff, _diff)):
         parser.add_argument("--json", action="store_true", help="print JSON")
         parser.add_argument("--root", type=Path, default=Path("."), help="project root")

@@ -14,6 +14,12 @@ from pydantic import Field
 from graft.config.settings import StrictModel
 
 
+class ScanPaths(StrictModel):
+    """``paths.scan``: the fingerprints of the source folders, ingest's only data dependency."""
+
+    sources: Path
+
+
 class IngestPaths(StrictModel):
     """``paths.ingest``: the ingested dataset folder, its reports and ingest's private cache.
 
@@ -69,8 +75,14 @@ class RegisterPaths(StrictModel):
 
 
 class Paths(StrictModel):
-    """``paths``: the output paths of every stage."""
+    """``paths``: the output paths of every stage, and the decoded-image cache.
 
+    ``decoded`` is not a pipeline output: decoded, resized images by content and settings, which
+    the training and evaluation stages read (graft.data.decoded_cache); safe to delete, best on
+    a fast local disk.
+    """
+
+    scan: ScanPaths
     ingest: IngestPaths
     split: SplitPaths
     pretrain: TrainPaths
@@ -79,3 +91,4 @@ class Paths(StrictModel):
     evaluate: EvaluatePaths
     # "register" would shadow BaseModel.register (from ABCMeta); the YAML key stays "register".
     registry: RegisterPaths = Field(alias="register")
+    decoded: Path

@@ -11,6 +11,7 @@ changes them on import.
 
 from __future__ import annotations
 
+import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,6 +177,17 @@ def load_rgb(path: Path, size: int) -> np.ndarray:
     mode rule of :func:`upright_rgb`. ``size`` is in pixels. Raises OSError when the file
     cannot be read or decoded, and Image.DecompressionBombError when it exceeds Pillow's limit.
     """
-    with Image.open(path) as image:
+    # Through decode_square, so a file and its bytes (the decoded cache) never decode apart.
+    return decode_square(path.read_bytes(), size)
+
+
+def decode_square(data: bytes, size: int) -> np.ndarray:
+    """Decode an image file's bytes exactly as :func:`load_rgb` decodes the file.
+
+    Returns a writable uint8 array of shape (``size``, ``size``, 3), HWC, RGB; ``size`` is in
+    pixels. Raises OSError (PIL.UnidentifiedImageError among them) when ``data`` cannot be
+    decoded, and Image.DecompressionBombError when it exceeds Pillow's limit.
+    """
+    with Image.open(io.BytesIO(data)) as image:
         rgb, _ = upright_rgb(image)  # ingest recorded the warning, if any
         return np.array(resize_square(rgb, size), dtype=np.uint8)  # writable, as torch expects

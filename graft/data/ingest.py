@@ -1,8 +1,9 @@
 """The ``ingest`` stage's work: verify every image of every source, store the accepted ones.
 
 Output: ``paths.ingest.dataset`` holds ``manifest.csv`` (every file seen, with its verdict) and
-``images/<sha256[:2]>/<sha256>`` (each accepted image's exact bytes, stored once). DVC versions
-that folder, so the images behind any past model can be fetched again. Reports for people go to
+the image store (graft.data.store: each accepted image's exact bytes, once, in shards that
+later ingests keep as they are). DVC versions that folder, so the images behind any past model
+can be fetched again. Reports for people go to
 ``paths.ingest.rejected`` (CSV) and ``paths.ingest.summary`` (Markdown).
 
 The class folders a user laid out are a contract: one that ends with no accepted image fails
@@ -12,8 +13,7 @@ vanishes silently.
 
 from __future__ import annotations
 
-import os
-import shutil
+import sys
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,9 +24,10 @@ import pandas as pd
 from graft import atomic
 from graft.config.params import ROLES, Ingest, Role
 from graft.data import schemas
-from graft.data.layout import image_path, manifest_path
+from graft.data.layout import manifest_path
 from graft.data.reports import class_counts_markdown
 from graft.data.sources import class_folders, invisible_collisions, look_alike_message
+from graft.data.store import pack
 from graft.data.verify import CheckSettings, FileRecord, FolderReport, verify_folder
 from graft.data.verify_cache import VerifyCache
 from graft.errors import GraftError
@@ -190,22 +191,14 @@ def render_summary(manifest: pd.DataFrame, reports: dict[str, SourceReport]) -> 
     return "\n".join(lines)
 
 
-def link_or_copy(source: Path, target: Path) -> None:
-    """Make ``target`` (and its folder) hold ``source``'s bytes: hard-linked when possible (no
-    bytes copied), else copied. Raises OSError when neither works."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(source, target)
-    except OSError:  # another filesystem, or links not supported
-        shutil.copyfile(source, target)
-
-
 def ingest(
     settings: Ingest, dataset: Path, cache_folder: Path
 ) -> tuple[pd.DataFrame, dict[str, SourceReport]]:
-    """Verify all sources and write ``dataset`` (images by hash + manifest) atomically.
+    """Verify all sources and write ``dataset`` (image store + manifest) atomically.
 
-    Sources are verified in role order with the verdict cache under ``cache_folder``. Returns
+    Sources are verified in role order with the verdict cache under ``cache_folder``. The
+    shards of the ``dataset`` already there are kept where they still hold accepted images
+    (graft.data.store.pack; DVC keeps the folder between runs: ``persist``). Returns
     the manifest and each role's report. Raises IngestError when a source breaks its
     rejection budget, or loses a class folder with ``ingest.lost_class: fail``, before
     anything is written; ``dataset`` is then left as it was.
@@ -216,10 +209,20 @@ def ingest(
         for role in ROLES:
             reports[role] = _ingest_source(role, settings, check, cache)
         manifest = build_manifest(reports)
+        accepted = manifest[manifest["verdict"] == "accepted"]
+        sizes = dict(zip(accepted["sha256"], accepted["bytes"].astype(int), strict=True))
+        previous = dataset if dataset.is_dir() else None
         with atomic.atomic_path(dataset, directory=True) as staging:
-            for sha256 in sorted(set(manifest.loc[manifest["verdict"] == "accepted", "sha256"])):
-                link_or_copy(cache.object_path(sha256), image_path(staging, sha256))
+            packing = pack(
+                staging, sizes, previous, lambda sha: cache.object_path(sha).read_bytes()
+            )
             manifest.to_csv(manifest_path(staging), index=False, lineterminator="\n")
+    print(
+        f"ingest: {len(sizes)} images stored; {len(packing.kept)} shard(s) kept as they were, "
+        f"{len(packing.written)} written ({packing.packed} images), {len(packing.dropped)} "
+        "dropped",
+        file=sys.stderr,
+    )
     return manifest, reports
 
 

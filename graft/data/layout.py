@@ -1,7 +1,7 @@
 """The layout of the ingested dataset folder (``paths.ingest.dataset``).
 
-``manifest.csv`` lists every file ingest saw; ``images/<sha256[:2]>/<sha256>`` holds each
-accepted image's exact bytes once, addressed by content.
+``manifest.csv`` lists every file ingest saw; the image store beside it (graft.data.store:
+``index.csv`` and ``shards/``) holds each accepted image's exact bytes once, by content.
 """
 
 from __future__ import annotations
@@ -13,11 +13,6 @@ import pandas as pd
 from graft.data import schemas
 
 MANIFEST_NAME = "manifest.csv"
-
-
-def image_path(dataset: Path, sha256: str) -> Path:
-    """Where the accepted image with this content (``sha256``, hex) lives in ``dataset``."""
-    return dataset / "images" / sha256[:2] / sha256
 
 
 def manifest_path(dataset: Path) -> Path:

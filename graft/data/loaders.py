@@ -1,39 +1,97 @@
-"""Images of one split, decoded once into memory, served as normalised (augmented) tensors.
+"""Images of one split, streamed in batches from the decoded-image cache, augmented per batch.
 
-Each image is decoded and resized exactly once per run into a uint8 tensor; augmentation then
-works on tensors, so no epoch pays for JPEG/PNG decoding again.
+Each image is decoded and resized once per content and settings into the memory-mapped cache
+(graft.data.decoded_cache); a split is a list of rows in it. Batches are gathered from the
+maps (in DataLoader worker processes when ``common.num_workers`` > 0), moved to the training
+device and only there augmented and normalised, whole batches at once
+(graft.data.augment). So the memory a stage holds does not grow with its split: the pixels are
+file-backed pages the kernel can drop, and a batch is the only working set.
+
+Randomness comes from one generator per batch stream, seeded by ``common.seed``: it draws
+each epoch's order first, then every batch's augmentation in turn, in the main process. The
+order of draws is therefore fixed whatever the number of workers, and a resumed run that puts
+the generator back draws the same (graft.training.fit_state saves it as ``generator``).
 """
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
+import math
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
+import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import v2
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from graft.config.params import Augment, Common
-from graft.data.decoding import load_rgb
-from graft.data.layout import image_path
+from graft.data.augment import BatchTransform
+from graft.data.decoded_cache import DecodedCache
+from graft.data.decoding import decode_square
+from graft.data.store import ImageStore
 from graft.errors import GraftError
 from graft.training.device import resolve_device
 
-Batches = DataLoader[tuple[torch.Tensor, torch.Tensor]]
+
+class ImageSource(Protocol):
+    """Images by position: ``gather`` returns uint8 (B, 3, size, size) for B positions."""
+
+    def __len__(self) -> int: ...
+
+    def gather(self, positions: Sequence[int] | np.ndarray) -> torch.Tensor: ...
+
+
+class InMemoryImages:
+    """An :class:`ImageSource` over a uint8 (N, 3, size, size) tensor (tests, small sets)."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def gather(self, positions: Sequence[int] | np.ndarray) -> torch.Tensor:
+        """The images at ``positions``, in that order."""
+        return self.images[torch.as_tensor(np.asarray(positions, dtype=np.int64))]
+
+
+class DecodingImages:
+    """An :class:`ImageSource` that decodes every image each time it is asked for one, the
+    textbook way (``ImageFolder``): what the cache saves, and the reference it must equal."""
+
+    def __init__(self, dataset: Path, sha256: Sequence[str], size: int) -> None:
+        self.dataset, self.sha256, self.size = dataset, list(sha256), size
+        self._store: ImageStore | None = None
+
+    def __len__(self) -> int:
+        return len(self.sha256)
+
+    def __getstate__(self) -> dict[str, object]:
+        return {**self.__dict__, "_store": None}  # each worker process opens its own files
+
+    def gather(self, positions: Sequence[int] | np.ndarray) -> torch.Tensor:
+        """The images at ``positions``, decoded from the store now, in that order."""
+        if self._store is None:
+            self._store = ImageStore(self.dataset)
+        arrays = [
+            decode_square(self._store.read(self.sha256[int(i)]), self.size) for i in positions
+        ]
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
 @dataclass(frozen=True)
 class ImageSet:
-    """Decoded images of one role and split, with their class indices.
+    """The images of one role and split, with their class indices.
 
-    Row ``i`` of ``images`` is the image with ``sha256[i]`` and source path ``paths[i]``;
+    Position ``i`` of ``images`` is the image with ``sha256[i]`` and source path ``paths[i]``;
     ``targets[i]`` indexes ``classes``.
     """
 
-    images: torch.Tensor  # uint8, (N, 3, size, size)
+    images: ImageSource
     targets: torch.Tensor  # int64, (N,)
     classes: list[str]
     sha256: list[str]
@@ -43,69 +101,142 @@ class ImageSet:
         return len(self.targets)
 
 
+def split_rows(
+    splits: pd.DataFrame, *, role: str, split: str, classes: list[str] | None = None
+) -> tuple[pd.DataFrame, list[str]]:
+    """The rows of ``role``/``split`` and the class order (``classes``, or the role's labels
+    sorted). Raises GraftError when the split is empty or holds a class not in ``classes``."""
+    role_rows = splits[splits["role"] == role]
+    classes = classes or sorted(role_rows["label"].unique())
+    rows = role_rows[role_rows["split"] == split]
+    if rows.empty:
+        raise GraftError(f"the {split} split of source {role!r} is empty")
+    unknown = sorted(set(rows["label"]) - set(classes))
+    if unknown:
+        raise GraftError(f"{role}/{split} has classes {unknown} not among {classes}")
+    return rows, list(classes)
+
+
+@contextmanager
+def decoded_cache_folder(decoded: Path | None) -> Iterator[Path]:
+    """``decoded`` itself, or a temporary folder removed afterwards when it is None (a core
+    called without a cache decodes once per call, and leaves nothing behind)."""
+    if decoded is not None:
+        yield decoded
+        return
+    with tempfile.TemporaryDirectory(prefix="graft-decoded-") as folder:
+        yield Path(folder)
+
+
 def load_split(
     splits: pd.DataFrame,
     dataset: Path,
+    decoded: Path,
     *,
     role: str,
     split: str,
     size: int,
     classes: list[str] | None = None,
 ) -> ImageSet:
-    """Decode the images of ``role``/``split`` from the ingested dataset.
+    """The images of ``role``/``split`` of the ingested ``dataset``, from the decoded cache
+    under ``decoded`` (images it lacks are decoded into it first, once).
 
     ``classes`` fixes the label order (taken from the role's whole table when omitted), so
     class indices agree between the train, val and test sets. Each image is resized, whole, to
-    ``size`` x ``size`` pixels. Returns images of shape (N, 3, size, size), uint8. Raises
-    GraftError when the split is empty or holds a class not in ``classes``, and OSError when
-    an image is missing from ``dataset``.
+    ``size`` x ``size`` pixels. Raises GraftError when the split is empty, holds a class not
+    in ``classes``, or an image is missing from ``dataset`` or does not match its hash.
     """
-    role_rows = splits[splits["role"] == role]
-    classes = classes or sorted(role_rows["label"].unique())
-    rows = role_rows[role_rows["split"] == split]
-    if rows.empty:
-        raise GraftError(f"the {split} split of source {role!r} is empty")
+    rows, classes = split_rows(splits, role=role, split=split, classes=classes)
+    sha256 = rows["sha256"].tolist()
+    cache = DecodedCache(decoded, size)
+    with ImageStore(dataset) as store:
+        cache.build(sha256, store.read, progress=f"decode {role}/{split}")
     index = {label: i for i, label in enumerate(classes)}
-    unknown = sorted(set(rows["label"]) - set(index))
-    if unknown:
-        raise GraftError(f"{role}/{split} has classes {unknown} not among {classes}")
-    # Pillow releases the GIL while it decodes and resizes, so threads use every core.
-    paths = [image_path(dataset, sha) for sha in rows["sha256"]]
-    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
-        arrays = [torch.from_numpy(a) for a in pool.map(load_rgb, paths, [size] * len(paths))]
-    images = torch.stack(arrays).permute(0, 3, 1, 2).contiguous()
     targets = torch.tensor([index[label] for label in rows["label"]], dtype=torch.int64)
-    return ImageSet(images, targets, list(classes), list(rows["sha256"]), list(rows["path"]))
+    return ImageSet(cache.open(sha256), targets, classes, sha256, rows["path"].tolist())
 
 
-class _TensorImages(Dataset[tuple[torch.Tensor, torch.Tensor]]):
-    def __init__(self, images: ImageSet, transform: v2.Transform) -> None:
+class _Positions(Sampler[list[int]]):
+    """Batches of positions: in order, or in a new order drawn from ``generator`` each epoch
+    (drawn when the epoch starts, before that epoch's augmentation)."""
+
+    def __init__(self, count: int, batch_size: int, generator: torch.Generator | None) -> None:
+        self.count, self.batch_size, self.generator = count, batch_size, generator
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.generator is None:
+            order = torch.arange(self.count)
+        else:
+            order = torch.randperm(self.count, generator=self.generator)
+        for batch in order.split(self.batch_size):
+            yield batch.tolist()
+
+    def __len__(self) -> int:
+        return math.ceil(self.count / self.batch_size)
+
+
+class _Gather(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """A batch of positions to (uint8 images, int64 positions), read in one gather."""
+
+    def __init__(self, images: ImageSource) -> None:
         self.images = images
-        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.transform(self.images.images[i]), self.images.targets[i]
+    def __getitem__(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.__getitems__([position])
+
+    def __getitems__(self, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images.gather(positions), torch.tensor(positions, dtype=torch.int64)
 
 
-def make_transform(
-    mean: tuple[float, ...], std: tuple[float, ...], augment: Augment | None
-) -> v2.Transform:
-    """uint8 (3, H, W) image tensor to a normalised float32 one, augmented when ``augment``.
+def _as_is(batch: Any) -> Any:
+    return batch  # __getitems__ already returns the batch, (images, positions)
 
-    ``mean`` and ``std`` are per channel on the 0-1 scale; ``augment`` None means none.
+
+class ImageBatches:
+    """Re-iterable batches of one image set: (float32 (B, 3, size, size) normalised, and
+    augmented when asked, on ``device``; int64 (B,) class indices on the CPU).
+
+    ``batch_size`` is in images (the last batch may hold fewer). ``generator`` (seeded by
+    ``common.seed``) draws the order when ``shuffle`` and the augmentation when ``augment``.
     """
-    steps: list[v2.Transform] = []
-    if augment is not None:
-        if augment.rotation or augment.translate:
-            translate = (augment.translate, augment.translate) if augment.translate else None
-            steps.append(v2.RandomAffine(degrees=augment.rotation, translate=translate))
-        if augment.hflip:
-            steps.append(v2.RandomHorizontalFlip())
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
-    return v2.Compose(steps)
+
+    def __init__(
+        self,
+        images: ImageSet,
+        common: Common,
+        *,
+        batch_size: int,
+        augment: Augment | None = None,
+        shuffle: bool = False,
+    ) -> None:
+        self.images = images
+        self.device = resolve_device(common.device)
+        self.transform = BatchTransform(common.mean, common.std, augment)
+        self.augment = augment
+        self.generator = torch.Generator().manual_seed(common.seed)
+        positions = _Positions(len(images), batch_size, self.generator if shuffle else None)
+        self.loader = DataLoader(
+            _Gather(images.images),
+            batch_sampler=positions,
+            collate_fn=_as_is,
+            num_workers=common.num_workers,
+            persistent_workers=common.num_workers > 0,
+            # Page-locked batches only help copies to a CUDA device (and warn elsewhere).
+            pin_memory=common.pin_memory and self.device.type == "cuda",
+        )
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        generator = self.generator if self.augment is not None else None
+        for pixels, positions in self.loader:
+            inputs = pixels.to(self.device, non_blocking=True)
+            yield self.transform(inputs, generator), self.images.targets[positions]
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        return len(self.loader)
 
 
 def make_loader(
@@ -115,32 +246,19 @@ def make_loader(
     batch_size: int,
     augment: Augment | None = None,
     shuffle: bool = False,
-) -> Batches:
-    """A DataLoader whose shuffling and augmentation are fixed by ``common.seed``.
-
-    Batches are (images, targets): float32 (B, 3, size, size) normalised with
-    ``common.mean``/``std``, and int64 (B,) class indices; ``batch_size`` is in images.
-    """
-    return DataLoader(
-        _TensorImages(images, make_transform(common.mean, common.std, augment)),
-        batch_size=batch_size,
-        shuffle=shuffle,
-        generator=torch.Generator().manual_seed(common.seed),
-        num_workers=common.num_workers,
-        worker_init_fn=_seed_worker if common.num_workers else None,
-        # Page-locked batches only help copies to a CUDA device (and warn elsewhere).
-        pin_memory=common.pin_memory and resolve_device(common.device).type == "cuda",
-    )
+) -> ImageBatches:
+    """The batches of ``images`` (see :class:`ImageBatches`), fixed by ``common.seed``."""
+    return ImageBatches(images, common, batch_size=batch_size, augment=augment, shuffle=shuffle)
 
 
 @dataclass(frozen=True)
 class TrainingData:
-    """A role's train and val images and their loaders (train shuffled and augmented)."""
+    """A role's train and val images and their batches (train shuffled and augmented)."""
 
     train_set: ImageSet
     val_set: ImageSet
-    train: Batches
-    val: Batches
+    train: ImageBatches
+    val: ImageBatches
 
     @property
     def classes(self) -> list[str]:
@@ -151,20 +269,22 @@ class TrainingData:
 def training_data(
     splits: pd.DataFrame,
     dataset: Path,
+    decoded: Path,
     role: str,
     common: Common,
     *,
     batch_size: int,
     augment: Augment,
 ) -> TrainingData:
-    """Decode ``role``'s train and val splits at ``common.image_size`` and wrap them in loaders.
+    """``role``'s train and val splits at ``common.image_size``, from the decoded cache under
+    ``decoded``, and their batches.
 
     The val set uses the train set's class order. Raises as :func:`load_split` does.
     """
     size = common.image_size
-    train_set = load_split(splits, dataset, role=role, split="train", size=size)
+    train_set = load_split(splits, dataset, decoded, role=role, split="train", size=size)
     val_set = load_split(
-        splits, dataset, role=role, split="val", size=size, classes=train_set.classes
+        splits, dataset, decoded, role=role, split="val", size=size, classes=train_set.classes
     )
     return TrainingData(
         train_set,
@@ -172,15 +292,3 @@ def training_data(
         make_loader(train_set, common, batch_size=batch_size, augment=augment, shuffle=True),
         make_loader(val_set, common, batch_size=batch_size),
     )
-
-
-def _seed_worker(worker_id: int) -> None:
-    # Each worker's torch seed is derived from the loader's generator; mirror it into the
-    # other RNGs a transform might use.
-    import random
-
-    import numpy as np
-
-    seed = torch.initial_seed() % 2**32
-    random.seed(seed)
-    np.random.seed(seed)

@@ -142,6 +142,16 @@ class VerifyCache:
                 [(sha, settings, *_columns(c)) for _, _, sha, c in rows],
             )
 
+    def remember_hashes(self, entries: Iterable[tuple[str, FileStat, str]]) -> None:
+        """Record (path, stat, sha256) of files hashed without being checked (the scan stage),
+        so that neither the next scan nor ingest reads them again while they are unchanged."""
+        rows = [(p, s.size, s.mtime_ns, s.inode, sha) for p, s, sha in entries]
+        if not rows:
+            return
+        self._hashes = None  # reload on next lookup
+        with self._db:
+            self._db.executemany("INSERT OR REPLACE INTO stats VALUES (?, ?, ?, ?, ?)", rows)
+
 
 def _columns(check: ImageCheck) -> tuple[object, ...]:
     return (

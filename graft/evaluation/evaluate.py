@@ -26,7 +26,7 @@ from torch import nn
 
 from graft.config.params import Common, Evaluate
 from graft.data import schemas
-from graft.data.loaders import load_split, make_loader
+from graft.data.loaders import decoded_cache_folder, load_split, make_loader
 from graft.training.checkpoints import (
     CheckpointError,
     CheckpointMeta,
@@ -58,16 +58,18 @@ def predict_test_split(
     common: Common,
     *,
     batch_size: int,
+    decoded: Path | None = None,
 ) -> SplitPredictions:
     """Run ``model`` over the target test split, preprocessed exactly as it was trained.
 
     Size, normalisation and class order come from ``meta`` (the model's checkpoint), the
     device, loader settings and seed from ``common``; ``batch_size`` is in images. Global RNGs
     are seeded for the run and restored afterwards. Returns one predictions row per test image
-    (probabilities of shape (images, classes)). Raises GraftError when the test split is empty
-    or holds classes the model does not know.
+    (probabilities of shape (images, classes)). Images come through the decoded-image cache
+    ``decoded`` (None: a temporary one for this call). Raises GraftError when the test split
+    is empty or holds classes the model does not know.
     """
-    with seeded(common.seed):
+    with seeded(common.seed), decoded_cache_folder(decoded) as cache:
         device = resolve_device(common.device)
         # Size and normalisation come from the model's card, not from today's params.
         preprocessing = common.model_copy(
@@ -78,7 +80,13 @@ def predict_test_split(
             }
         )
         test_set = load_split(
-            splits, dataset, role="target", split="test", size=meta.image_size, classes=meta.classes
+            splits,
+            dataset,
+            cache,
+            role="target",
+            split="test",
+            size=meta.image_size,
+            classes=meta.classes,
         )
         loader = make_loader(test_set, preprocessing, batch_size=batch_size)
         probabilities = predict(model.to(device), loader, device).double()
@@ -244,11 +252,14 @@ def evaluate_checkpoints(
     dataset: Path,
     settings: Evaluate,
     common: Common,
+    *,
+    decoded: Path | None = None,
 ) -> Evaluation:
     """Score the fine-tuned model, and the random-weights baseline beside it, on the test split.
 
     ``finetuned`` and ``baseline`` are checkpoint paths; ``splits`` the splits table and
-    ``dataset`` the ingested dataset folder. Returns the fine-tuned model's :class:`Evaluation`,
+    ``dataset`` the ingested dataset folder, read through the decoded-image cache ``decoded``
+    (None: a temporary one for this call). Returns the fine-tuned model's :class:`Evaluation`,
     its metrics with a ``transfer_gain`` entry (:func:`transfer_gain`). Raises CheckpointError
     when a checkpoint cannot be read or the baseline's classes or architecture differ from the
     fine-tuned model's (naming the classes missing on each side), and GraftError as
@@ -262,10 +273,13 @@ def evaluate_checkpoints(
         # The baseline is the same recipe from random weights: it must fit the fine-tuned model.
         message = f"{error}; it must match {finetuned}: re-run the baseline stage"
         raise CheckpointError(message) from None
-    test = predict_test_split(model, meta, splits, dataset, common, batch_size=settings.batch_size)
+    batch_size = settings.batch_size
+    test = predict_test_split(
+        model, meta, splits, dataset, common, batch_size=batch_size, decoded=decoded
+    )
     scored = evaluation(test, settings.calibration_bins)
     scratch = predict_test_split(
-        scratch_model, scratch_meta, splits, dataset, common, batch_size=settings.batch_size
+        scratch_model, scratch_meta, splits, dataset, common, batch_size=batch_size, decoded=decoded
     )
     scratch_metrics = classification_metrics(scratch.table, scratch.classes)
     scored.metrics["transfer_gain"] = transfer_gain(scored.metrics, scratch_metrics)

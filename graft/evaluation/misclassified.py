@@ -6,6 +6,7 @@ ambiguous one, or a sign of a class the model has not learnt. Drawn with Pillow 
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
@@ -14,8 +15,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from graft.atomic import atomic_path
 from graft.data.decoding import upright_rgb
-from graft.data.layout import image_path
-from graft.errors import GraftError
+from graft.data.store import ImageStore
 
 COLUMNS = 4  # the grid is always this many cells wide, so its width never depends on the data
 CELL = 96  # pixels of the square each image is fitted into
@@ -53,9 +53,10 @@ def grid_size(images: int) -> tuple[int, int]:
 def render_grid(predictions: pd.DataFrame, dataset: Path, limit: int) -> Image.Image:
     """The grid of at most ``limit`` most confident mistakes among ``predictions``.
 
-    Images are read from the ingested ``dataset`` folder by hash. Returns an RGB image of
-    :func:`grid_size` for the number of mistakes shown, with a line saying that nothing was
-    misclassified when nothing was. Raises GraftError when a shown image is missing.
+    Images are read from the ingested ``dataset`` folder's store by hash. Returns an RGB image
+    of :func:`grid_size` for the number of mistakes shown, with a line saying that nothing was
+    misclassified when nothing was. Raises GraftError (StoreError) when a shown image is
+    missing.
     """
     mistakes = most_confident_mistakes(predictions, limit)
     wrong = int((predictions["actual"] != predictions["predicted"]).sum())
@@ -68,10 +69,12 @@ def render_grid(predictions: pd.DataFrame, dataset: Path, limit: int) -> Image.I
         return canvas
     title = f"{len(mistakes)} most confident of {wrong} mistakes in {len(predictions)} test images"
     draw.text((PAD, PAD), _fit(draw, title, WIDTH - 2 * PAD, font), "black", font)
+    with ImageStore(dataset) as store:
+        thumbnails = [_thumbnail(store.read(str(sha))) for sha in mistakes["sha256"]]
     for i, row in enumerate(mistakes.itertuples(index=False)):
         left = PAD + (i % COLUMNS) * (CELL + PAD)
         top = HEADER + (i // COLUMNS) * (CELL + CAPTION + PAD)
-        thumbnail = _thumbnail(image_path(dataset, str(row.sha256)))
+        thumbnail = thumbnails[i]
         offset = ((CELL - thumbnail.width) // 2, (CELL - thumbnail.height) // 2)
         draw.rectangle((left, top, left + CELL - 1, top + CELL - 1), fill=(230, 230, 230))
         canvas.paste(thumbnail, (left + offset[0], top + offset[1]))
@@ -95,13 +98,10 @@ def write_grid(destination: Path, predictions: pd.DataFrame, dataset: Path, limi
         grid.save(temporary, format="PNG")
 
 
-def _thumbnail(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            image.seek(0)
-            rgb, _ = upright_rgb(image)  # as training saw it
-    except FileNotFoundError:
-        raise GraftError(f"{path} is missing from the ingested dataset") from None
+def _thumbnail(data: bytes) -> Image.Image:
+    with Image.open(io.BytesIO(data)) as image:
+        image.seek(0)
+        rgb, _ = upright_rgb(image)  # as training saw it
     # Small images (8x8 digits) are enlarged with nearest-neighbour so their pixels stay sharp.
     enlarge = rgb.width <= CELL and rgb.height <= CELL
     method = Image.Resampling.NEAREST if enlarge else Image.Resampling.LANCZOS

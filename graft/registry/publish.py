@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from graft.config.params import Params, load_params
+from graft.data.fingerprint import fingerprint_sources
 from graft.errors import GraftError
 from graft.processes import run_dvc
 from graft.registry.environment import environment
@@ -50,6 +51,10 @@ class AlreadyPublished(PublishError):
     """Nothing new: the commit that would be tagged already is a published version."""
 
 
+ALWAYS_CHANGED = "always changed"  # what dvc status says of a stage marked always_changed
+SCAN_STAGE = "scan"  # the stage that fingerprints the source folders (dvc.yaml)
+
+
 @dataclass(frozen=True)
 class Published:
     """A version :func:`publish` created: the model ``name``, its ``version`` and ``tag``, the
@@ -65,14 +70,34 @@ class Published:
     record: dict[str, Any] = field(repr=False)
 
 
-def stale_stages(root: Path) -> dict[str, Any]:
-    """What ``dvc status`` reports as changed in the project ``root``, by stage; empty when
-    the pipeline is up to date. Raises PublishError when ``dvc status`` fails."""
+def stale_stages(root: Path, params: Params) -> dict[str, Any]:
+    """What changed in the project ``root`` since the pipeline last ran, by stage; empty when
+    it is up to date. Raises PublishError when ``dvc status`` fails.
+
+    ``dvc status`` says it, except for the ``scan`` stage, which it reports as "always
+    changed" whatever happened: scan is stale only when the source folders' fingerprints
+    (graft.data.fingerprint, with ``params``' sources) differ from the ones it last wrote.
+    """
     result = run_dvc(root, "status", "--json")
     if result.returncode != 0:
         raise PublishError(f"dvc status failed: {result.stderr.strip()}")
     status = json.loads(result.stdout or "{}")
-    return status if isinstance(status, dict) else {}
+    status = status if isinstance(status, dict) else {}
+    changed = {stage: why for stage, why in status.items() if why != [ALWAYS_CHANGED]}
+    if SCAN_STAGE in status and sources_changed(root, params):  # a pipeline with a scan
+        changed[SCAN_STAGE] = ["the source folders changed since the last scan"]
+    return changed
+
+
+def sources_changed(root: Path, params: Params) -> bool:
+    """Whether the source folders' fingerprints now differ from the ones the ``scan`` stage
+    last wrote (``paths.scan.sources`` under ``root``; a missing file counts as changed)."""
+    written = root / params.paths.scan.sources
+    if not written.is_file():
+        return True
+    now = fingerprint_sources(params.ingest.sources, params.paths.ingest.cache, root)
+    # Through JSON, as the stage wrote them: tuples and lists, ints and floats compare equal.
+    return bool(json.loads(written.read_text(encoding="utf-8")) != json.loads(json.dumps(now)))
 
 
 def dirty_files(root: Path) -> list[str]:
@@ -130,7 +155,7 @@ def _choose_version(existing: list[Version], bump: Bump, version: str | None) ->
 
 
 def _check_publishable(root: Path, params: Params, allow_dirty: bool) -> dict[str, Any]:
-    stale = stale_stages(root)
+    stale = stale_stages(root, params)
     if stale:
         raise PublishError(
             "the pipeline is not up to date; run `dvc repro` (or `graft run`) first. "

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from graft.config.params import Common, Finetune
-from graft.data.loaders import TrainingData, make_loader, training_data
+from graft.data.loaders import TrainingData, decoded_cache_folder, make_loader, training_data
 from graft.training.checkpoints import CheckpointMeta
 from graft.training.determinism import seeded
 from graft.training.device import Speed, resolve_device
@@ -56,8 +56,12 @@ def finetune(
     arch: str,
     resume: Path | None = None,
     after_epoch: AfterEpoch | None = None,
+    decoded: Path | None = None,
 ) -> TrainedModel:
     """Two-phase fine-tuning of the ``backbone`` checkpoint on the target role.
+
+    Images come from the ingested ``dataset`` folder through the decoded-image cache
+    ``decoded`` (None: a temporary one for this call).
 
     With ``backbone`` None it is the baseline: the same recipe from random ``arch`` weights
     (``arch`` is used only then; otherwise the architecture is the checkpoint's). With
@@ -71,12 +75,13 @@ def finetune(
     Raises CheckpointError when the backbone checkpoint is missing or does not fit, GraftError
     when a target split is empty, and ModelError when the network cannot be frozen by blocks.
     """
-    with seeded(common.seed):
+    with seeded(common.seed), decoded_cache_folder(decoded) as cache:
         device = resolve_device(common.device)
         started = time.perf_counter()
         data = training_data(
             splits,
             dataset,
+            cache,
             "target",
             common,
             batch_size=settings.batch_size,

@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 
 from graft.config.params import Common, Pretrain
-from graft.data.loaders import TrainingData, training_data
+from graft.data.loaders import TrainingData, decoded_cache_folder, training_data
 from graft.training.determinism import seeded
 from graft.training.device import Speed, resolve_device
 from graft.training.folding import folded, track_weight_decay
@@ -39,10 +39,12 @@ def pretrain(
     *,
     resume: Path | None = None,
     after_epoch: Callable[[EpochResult], None] | None = None,
+    decoded: Path | None = None,
 ) -> TrainedModel:
     """Start ``settings.arch`` from ``settings.init`` and train it on the pretrain role.
 
-    ``splits`` is the split table, ``dataset`` the ingested dataset's folder. With ``resume``
+    ``splits`` is the split table, ``dataset`` the ingested dataset's folder and ``decoded``
+    the decoded-image cache (None: a temporary one for this call). With ``resume``
     (a folder) the per-epoch state is kept there and an interrupted run continues from it;
     ``after_epoch`` is called after every epoch (see :func:`graft.training.loop.fit`). Runs
     seeded with ``common.seed`` and leaves the caller's RNGs as they were. Returns the trained
@@ -51,7 +53,7 @@ def pretrain(
     Raises WeightsError when the starting weights are missing or do not fit (before any image
     is decoded), and GraftError when the corpus's splits are empty.
     """
-    with seeded(common.seed):
+    with seeded(common.seed), decoded_cache_folder(decoded) as cache:
         device = resolve_device(common.device)
         corpus_classes = sorted(splits.loc[splits["role"] == "pretrain", "label"].unique())
         # Weights first: a missing ImageNet file must fail before any image is decoded.
@@ -70,6 +72,7 @@ def pretrain(
         data = training_data(
             splits,
             dataset,
+            cache,
             "pretrain",
             common,
             batch_size=settings.batch_size,
