@@ -22,10 +22,12 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import psutil
+
+if TYPE_CHECKING:  # pandas only for write_csv: the scan stage must start fast
+    import pandas as pd
 
 # Pids are only comparable on one machine: a folder shared with another (NFS, a volume two
 # containers mount) may hold a live writer's temporary whose pid means nothing here.

@@ -41,28 +41,44 @@ def fingerprint(root: Path, cache: VerifyCache, *, threads: int = 4) -> dict[str
     hash the files the cache does not know. Raises OSError when ``root`` cannot be listed.
     """
     files, skipped = scan_folder(root)
-    stats: list[FileStat | None] = []
+    known = cache.stat_hashes()
     hashes: list[str | None] = []
-    for file in files:
-        file_stat, known = _known(cache, file)
-        stats.append(file_stat)
-        hashes.append(known)
-    unknown = [i for i, known in enumerate(hashes) if known is None]
+    unknown: list[tuple[int, FileStat]] = []
+    total = 0
+    # One tight loop: at 250,000 files every microsecond here is a quarter of a second of
+    # every no-op `dvc repro`.
+    for i, file in enumerate(files):
+        try:
+            result = os.stat(file.path)
+        except OSError as error:
+            hashes.append(f"unreadable: {error.strerror}")
+            continue
+        if not stat_module.S_ISREG(result.st_mode):
+            hashes.append(NOT_A_FILE)  # opening a FIFO would block
+            continue
+        total += result.st_size
+        entry = known.get(display_name(file.path))
+        if entry is not None and entry[:3] == (result.st_size, result.st_mtime_ns, result.st_ino):
+            hashes.append(entry[3])
+        else:
+            hashes.append(None)
+            unknown.append((i, FileStat.of(result)))
     with ThreadPoolExecutor(max_workers=threads) as pool:  # hashlib releases the GIL
-        for i, content in zip(unknown, pool.map(_hash, (files[i] for i in unknown)), strict=True):
-            hashes[i] = content
+        contents = list(pool.map(_hash, (files[i] for i, _ in unknown)))
+    for (i, _), content in zip(unknown, contents, strict=True):
+        hashes[i] = content
     cache.remember_hashes(
-        (display_name(files[i].path), stat, str(hashes[i]))
-        for i in unknown
-        if (stat := stats[i]) is not None and len(str(hashes[i])) == 64
+        (display_name(files[i].path), stat, content)
+        for (i, stat), content in zip(unknown, contents, strict=True)
+        if len(content) == 64
     )
     digest = hashlib.sha256()
-    for file, known in zip(files, hashes, strict=True):
-        digest.update(f"{file.relative}\t{known}\n".encode())
+    for file, content_hash in zip(files, hashes, strict=True):
+        digest.update(f"{file.relative}\t{content_hash}\n".encode())
     return {
         "classes": class_folders(root),
         "files": len(files),
-        "bytes": sum(s.size for s in stats if s is not None),
+        "bytes": total,
         "skipped": dict(sorted(skipped.items())),
         "sha256": digest.hexdigest(),
     }
@@ -94,19 +110,6 @@ def fingerprint_sources(
             uri = sources.for_role(role).uri
             found[role] = {"uri": str(uri), **fingerprint(root / uri, cache)}
         return found
-
-
-def _known(cache: VerifyCache, file: SourceFile) -> tuple[FileStat | None, str | None]:
-    """The file's stat (None when it cannot be stat'ed) and its hash when already settled:
-    from the cache, or a stand-in for a file that is not read at all."""
-    try:
-        result = os.stat(file.path)
-    except OSError as error:
-        return None, f"unreadable: {error.strerror}"
-    if not stat_module.S_ISREG(result.st_mode):
-        return None, NOT_A_FILE  # opening a FIFO would block
-    file_stat = FileStat.of(result)
-    return file_stat, cache.known_hash(display_name(file.path), file_stat)
 
 
 def _hash(file: SourceFile) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sys
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -56,12 +56,15 @@ def build_manifest(reports: dict[str, SourceReport]) -> pd.DataFrame:
     ``reports`` maps a role to its report. Raises TableError when a row breaks the manifest
     schema (for instance an accepted image twice in one role).
     """
-    rows = [
-        {"role": role, **asdict(record)}
-        for role, report in reports.items()
-        for record in report.folder.records
+    records = [
+        (role, record) for role, report in reports.items() for record in report.folder.records
     ]
-    frame = pd.DataFrame(rows, columns=list(schemas.MANIFEST.columns))
+    # Column by column: asdict() per record deep-copies every field, which at 250,000 files
+    # was most of an incremental ingest.
+    columns = {"role": [role for role, _ in records]}
+    for name in (field.name for field in fields(FileRecord)):
+        columns[name] = [getattr(record, name) for _, record in records]
+    frame = pd.DataFrame(columns, columns=list(schemas.MANIFEST.columns))
     frame = frame.astype({"width": "Int64", "height": "Int64", "bytes": "Int64"})
     frame["reason"] = frame["reason"].replace("", None)
     return schemas.validate(frame, schemas.MANIFEST, where="ingest")
