@@ -121,7 +121,10 @@ class Project:
         return set(run(["dvc", "stage", "list", "--name-only"], self.repo).stdout.split())
 
     def stale_stages(self) -> set[str]:
-        """What `dvc status` says is out of date, before anything runs."""
+        """What `dvc status` says is out of date, before anything runs: always the scan stage
+        (dvc.yaml's ``always_changed`` one) among them, even when all else is up to date
+        (helpers.pipeline_is_current); DVC cannot see a change of the source folders, which
+        only the scan looks at (graft.registry.publish.stale_stages can)."""
         status = json.loads(run(["dvc", "status", "--json"], self.repo).stdout or "{}")
         return {name.split(":")[-1] for name in status}
 

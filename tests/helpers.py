@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import time
@@ -37,6 +38,25 @@ def run(command: list[str], cwd: Path, check: bool = True) -> subprocess.Complet
             f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
         )
     return result
+
+
+# The stage dvc.yaml marks ``always_changed`` (it fingerprints the source folders): `dvc repro`
+# runs it every time, and `dvc status` always lists it, with exactly this, when all is current.
+SCAN_STAGE = "scan"
+SCAN_ALWAYS_CHANGED = {SCAN_STAGE: ["always changed"]}
+
+
+def pipeline_is_current(repo: Path) -> bool:
+    """Whether `dvc status` finds the whole pipeline of ``repo`` up to date: its only entry is
+    the scan stage's "always changed", which DVC reports however current everything is.
+
+    Prints what `dvc status` reported when it is not, for pytest to show with the failure."""
+    reported = run(["dvc", "status", "--json"], repo).stdout
+    status = json.loads(reported or "{}")
+    if status == SCAN_ALWAYS_CHANGED:
+        return True
+    print(f"dvc status in {repo} (current would be only {SCAN_ALWAYS_CHANGED}):\n{reported}")
+    return False
 
 
 def copy_demo_subset(destination: Path, per_class: int, broken: bool = True) -> Path:

@@ -28,12 +28,14 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def locked(dvc_project: Path) -> Path:
-    """The project with `ingest` run, so that dvc.lock records one stage."""
-    run(["dvc", "repro", "--single-item", "ingest"], dvc_project)
+    """The project with `ingest` run (after the scan it depends on), so that dvc.lock
+    records those two stages."""
+    run(["dvc", "repro", "ingest"], dvc_project)
     return dvc_project
 
 
 def dvc_status(repo: Path) -> subprocess.CompletedProcess[str]:
+    """`dvc status` of ingest alone: the scan it follows is "always changed" (dvc.yaml)."""
     return run(["dvc", "status", "ingest"], repo, check=False)
 
 

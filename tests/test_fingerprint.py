@@ -54,7 +54,7 @@ def test_every_change_ingest_would_see_changes_it(tmp_path: Path) -> None:
     assert len(set(digests)) == len(digests)
 
 
-def test_an_unchanged_folder_is_listed_not_read(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_an_unchanged_folder_is_listed_not_read(tmp_path: Path, monkeypatch) -> None:
     source = folder_of_images(tmp_path / "a")
     read: list[str] = []
     real = fingerprint_module.file_sha256

@@ -8,7 +8,7 @@ from pathlib import Path
 from uuid import UUID
 
 import pytest
-from helpers import run
+from helpers import SCAN_STAGE, pipeline_is_current, run
 from prefect import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.objects import State
@@ -55,7 +55,8 @@ def test_stage_order_comes_from_dvc(dvc_project: Path) -> None:
         for upstream, downstream in edges:  # every stage after all of its dependencies
             assert order.index(upstream) < order.index(downstream), (upstream, downstream)
     assert "register" not in stage_order(dvc_project, ["evaluate"])  # downstream left out
-    assert stage_order(dvc_project, ["split"]) == ["ingest", "split"]
+    assert stage_order(dvc_project, ["split"]) == [SCAN_STAGE, "ingest", "split"]
+    assert stage_order(dvc_project, [SCAN_STAGE]) == [SCAN_STAGE]  # the first: nothing upstream
     with pytest.raises(ValueError, match=r"no such stage in dvc\.yaml: trian"):
         stage_order(dvc_project, ["trian"])
 
@@ -69,15 +70,18 @@ def test_flow_and_dvc_repro_share_one_cache(dvc_project: Path, tmp_path: Path) -
     dry_run = run(["dvc", "repro", "--dry", "--force"], repo).stdout  # outputs exist now
     assert every_stage == re.findall(r"Running stage '([\w-]+)'", dry_run)  # `dvc repro`'s order
     assert "in sync" in run(["dvc", "status", "--cloud"], repo).stdout  # pushed
-    assert "up to date" in run(["dvc", "status"], repo).stdout
-    assert "Running stage" not in run(["dvc", "repro"], repo).stdout  # by hand: nothing to do
+    assert pipeline_is_current(repo)
+    by_hand = run(["dvc", "repro"], repo).stdout  # by hand: only the scan, which always runs
+    assert re.findall(r"Running stage '([\w-]+)'", by_hand) == [SCAN_STAGE]
 
-    assert ran(pipeline(root=str(repo))) == []  # every task: up to date (DVC cache)
+    # Every task but the scan's: up to date (DVC cache).
+    again = pipeline(root=str(repo))
+    assert [r.stage for r in results(again)] == every_stage and ran(again) == [SCAN_STAGE]
 
     # publish: the model becomes a version; a run with nothing new publishes nothing.
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-q", "-m", "first run"], repo)
-    assert ran(pipeline(root=str(repo), publish=True, publish_stage="dev")) == []
+    assert ran(pipeline(root=str(repo), publish=True, publish_stage="dev")) == [SCAN_STAGE]
     tags = run(["git", "tag", "--list"], repo).stdout.split()
     assert sorted(tags) == ["digits-5-9#dev#1", "digits-5-9@v1.0.0"]  # GTO's tag formats
     pipeline(root=str(repo), publish=True)
@@ -85,8 +89,9 @@ def test_flow_and_dvc_repro_share_one_cache(dvc_project: Path, tmp_path: Path) -
 
     params = (repo / "params.yaml").read_text().replace("name: digits-5-9", "name: digits-b")
     (repo / "params.yaml").write_text(params)
-    run(["dvc", "repro"], repo)  # by hand: register only
-    assert ran(pipeline(root=str(repo))) == []
+    by_hand = run(["dvc", "repro"], repo).stdout  # by hand: register only (after the scan)
+    assert re.findall(r"Running stage '([\w-]+)'", by_hand) == [SCAN_STAGE, "register"]
+    assert ran(pipeline(root=str(repo))) == [SCAN_STAGE]
 
 
 def test_failing_stage_fails_the_flow_and_stops_downstream(dvc_project: Path) -> None:
@@ -140,16 +145,17 @@ def test_a_stage_is_retried_while_another_dvc_command_holds_the_lock(
 
     def locked_once(root: Path, stage: str, force: bool, timeout_s: float) -> tuple[int, list[str]]:
         attempts.append(stage)
-        if attempts == ["ingest"]:  # what dvc prints when another dvc command holds the repo
+        if attempts == [SCAN_STAGE, "ingest"]:  # what dvc prints when another dvc command holds
             return 1, ["ERROR: Unable to acquire lock. Most likely another DVC process is running"]
         return real_repro(root, stage, force, timeout_s)
 
     monkeypatch.setattr(stages, "_repro", locked_once)
     state = pipeline(root=str(dvc_project), stages=["split"], return_state=True)
     returned = state.result()
-    assert attempts == ["ingest", "ingest", "split"]  # a retry runs `dvc repro` again
-    assert ran(returned) == ["ingest", "split"]
-    assert results(returned)[0].seconds >= 1  # the wait before the first retry counts
+    assert attempts == [SCAN_STAGE, "ingest", "ingest", "split"]  # a retry runs `dvc repro` again
+    assert ran(returned) == [SCAN_STAGE, "ingest", "split"]
+    (ingest,) = [r for r in results(returned) if r.stage == "ingest"]
+    assert ingest.seconds >= 1  # the wait before the first retry counts
     flow_run_id = state.state_details.flow_run_id
     assert flow_run_id is not None
     retried = [names for name, names in _task_run_states(flow_run_id).items() if "ingest" in name]
@@ -169,7 +175,7 @@ def test_other_failures_are_not_retried_and_lock_retries_run_out(
     monkeypatch.setattr(stages, "_repro", failing)
     with pytest.raises(StageFailed, match="the stage itself exploded") as failure:
         pipeline(root=str(dvc_project))
-    assert not isinstance(failure.value, DvcLocked) and attempts == ["ingest"]
+    assert not isinstance(failure.value, DvcLocked) and attempts == [SCAN_STAGE]  # the first
 
     attempts.clear()
 
@@ -180,6 +186,6 @@ def test_other_failures_are_not_retried_and_lock_retries_run_out(
         return 1, ["ERROR: Unable to acquire lock"]
 
     monkeypatch.setattr(stages, "_repro", always_locked)
-    with pytest.raises(DvcLocked, match=r"stage 'ingest' failed \(exit 1\)"):
+    with pytest.raises(DvcLocked, match=rf"stage '{SCAN_STAGE}' failed \(exit 1\)"):
         pipeline(root=str(dvc_project))
-    assert attempts == ["ingest", "ingest"]  # the first attempt and its one retry
+    assert attempts == [SCAN_STAGE, SCAN_STAGE]  # the first attempt and its one retry

@@ -1,7 +1,8 @@
 """The whole pipeline through the real `dvc` command in a real git + DVC repository.
 
-Proves the caching contract: nothing re-runs when nothing changed, a finetune parameter
-re-runs exactly finetune -> evaluate -> register, and a new image re-runs from ingest.
+Proves the caching contract: only the scan of the source folders (dvc.yaml's one
+``always_changed`` stage) re-runs when nothing changed, a finetune parameter re-runs exactly
+finetune -> evaluate -> register, and a new image re-runs everything from ingest.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import run
+from helpers import SCAN_STAGE, pipeline_is_current, run
 
 pytestmark = pytest.mark.slow
 
-ALL_STAGES = ["ingest", "split", "pretrain", "finetune", "baseline", "evaluate", "register"]
+ALL_STAGES = [
+    SCAN_STAGE, "ingest", "split", "pretrain", "finetune", "baseline", "evaluate", "register"
+]  # fmt: skip
 
 
 def repro(repo: Path) -> list[str]:
@@ -59,9 +62,10 @@ def test_repro_runs_every_stage_then_only_what_changed(dvc_project: Path, source
     run(["git", "commit", "-q", "-m", "first run"], repo)
     assert run(["git", "status", "--porcelain"], repo).stdout == ""  # outputs not in git
 
-    # Nothing changed: nothing runs, and DVC agrees everything is up to date.
-    assert repro(repo) == []
-    assert "up to date" in run(["dvc", "status"], repo).stdout
+    # Nothing changed: only the scan runs (always), and DVC agrees everything else is current.
+    assert repro(repo) == [SCAN_STAGE]
+    assert pipeline_is_current(repo)
+    assert run(["git", "status", "--porcelain"], repo).stdout == ""  # the same fingerprints
 
     # A finetune parameter: exactly finetune and what depends on it.
     params = yaml.safe_load((repo / "params.yaml").read_text())
@@ -69,16 +73,17 @@ def test_repro_runs_every_stage_then_only_what_changed(dvc_project: Path, source
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     # (baseline runs the same finetune recipe from random weights, so it reads them too.)
     ran = repro(repo)
-    assert sorted(ran[:2]) == ["baseline", "finetune"] and ran[2:] == ["evaluate", "register"]
+    assert ran[0] == SCAN_STAGE
+    assert sorted(ran[1:3]) == ["baseline", "finetune"] and ran[3:] == ["evaluate", "register"]
 
     # A new image in a source folder outside the repository: re-run from ingest.
     new_image = sources / "target" / "8" / "new-scan.png"
     shutil.copy2(next(iter(sorted((repo.parent / "sources/pretrain/0").glob("*.png")))), new_image)
-    ran = repro(repo)
-    assert ran[:2] == ["ingest", "split"]
-    assert "register" in ran
+    # (Every stage reads the dataset, directly or through one that does: all of them re-run.)
+    assert repro(repo) == ALL_STAGES
     assert "new-scan.png" in (repo / "data/ingested/manifest.csv").read_text()
-    assert repro(repo) == []
+    assert repro(repo) == [SCAN_STAGE]
+    assert pipeline_is_current(repo)
 
 
 def test_bad_params_stop_the_first_stage_before_any_work(dvc_project: Path) -> None:
@@ -89,5 +94,6 @@ def test_bad_params_stop_the_first_stage_before_any_work(dvc_project: Path) -> N
     failed = run(["dvc", "repro"], repo, check=False)
     assert failed.returncode != 0
     assert "register.min_accuracy" in failed.stderr
-    assert re.findall(r"Running stage '([\w-]+)'", failed.stdout) == ["ingest"]
+    # The first stage is the scan: it reads (and checks) params.yaml before any work too.
+    assert re.findall(r"Running stage '([\w-]+)'", failed.stdout) == [SCAN_STAGE]
     assert not (repo / "data").exists() and not (repo / "reports").exists()
