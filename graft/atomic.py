@@ -12,26 +12,20 @@ The next write of the same destination removes those whose writer is no longer r
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import shutil
-import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import psutil
+from graft.processes import HOST_TAG, process_running
 
 if TYPE_CHECKING:  # pandas only for write_csv: the scan stage must start fast
     import pandas as pd
-
-# Pids are only comparable on one machine: a folder shared with another (NFS, a volume two
-# containers mount) may hold a live writer's temporary whose pid means nothing here.
-_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
 @contextmanager
@@ -75,27 +69,17 @@ def _remove_stale_temporaries(destination: Path) -> None:
     cannot be listed; errors while removing are ignored (another writer may be removing it).
     """
     start = f".{destination.name}."
-    pattern = re.compile(re.escape(start) + r"(?:tmp|old)-(\d+)-" + _HOST + r"-[^.-]+")
+    pattern = re.compile(re.escape(start) + r"(?:tmp|old)-(\d+)-" + HOST_TAG + r"-[^.-]+")
     with os.scandir(destination.parent) as entries:
         for entry in entries:
             found = entry.name.startswith(start) and pattern.fullmatch(entry.name)
-            if found and not _running(int(found.group(1))):
+            if found and not process_running(int(found.group(1))):
                 _remove(Path(entry.path))
 
 
 def _prefix(destination: Path, kind: str) -> str:
     # mkstemp/mkdtemp append random letters, digits and underscores: no dot or dash.
-    return f".{destination.name}.{kind}-{os.getpid()}-{_HOST}-"
-
-
-def _running(pid: int) -> bool:
-    # A zombie (dead, not yet reaped by its parent) still has its pid but writes nothing more.
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-    except (psutil.Error, ValueError, OverflowError):  # another user's, unreadable, no pid
-        return True  # not ours to judge: keep its temporary
+    return f".{destination.name}.{kind}-{os.getpid()}-{HOST_TAG}-"
 
 
 def _remove(path: Path) -> None:

@@ -7,8 +7,10 @@ user with the environment activated would.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -121,6 +123,23 @@ def stop_process_group(
         if group_running(pgid):
             _signal_group(pgid, signal.SIGKILL)
     return True
+
+
+# This machine, in names of temporary files that carry their writer's pid: a pid means
+# nothing on another host sharing the folder (NFS), so only this host's are judged by pid.
+HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def process_running(pid: int) -> bool:
+    """Whether process ``pid`` of this host may still write: True when it runs or cannot be
+    inspected (another user's: not ours to judge), False when it is gone or a zombie (exited,
+    not yet reaped, so it writes nothing more). Raises nothing."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except (psutil.Error, ValueError, OverflowError):  # another user's, unreadable, no pid
+        return True
 
 
 def group_running(pgid: int) -> bool:

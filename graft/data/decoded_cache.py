@@ -47,7 +47,6 @@ import importlib.metadata
 import itertools
 import os
 import re
-import socket
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import nullcontext
@@ -57,11 +56,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import PIL
-import psutil
 from filelock import FileLock
 
 from graft.data.decoding import decode_square
 from graft.errors import GraftError
+from graft.processes import HOST_TAG, process_running
 from graft.progress import Progress
 
 if TYPE_CHECKING:
@@ -73,9 +72,6 @@ SEGMENT_BYTES = 256 * 2**20  # most pixel bytes in one segment (~1,780 images at
 _DIGEST = np.dtype("S32")  # a raw sha256; fixed width, so numpy sorts it bytewise
 _ID_CHARS = 24  # hex digits of a segment's id: 96 bits, no collision among a cache's segments
 _SEGMENT = re.compile(rf"([0-9a-f]{{{_ID_CHARS}}})\.npy")
-# Pids mean something only on one machine: a folder shared with another (NFS, a volume two
-# containers mount) may hold a live writer's temporary whose pid means nothing here.
-_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 _TEMPORARY = re.compile(rf"\.[0-9a-f]{{{_ID_CHARS}}}\.(?:npy|keys)\.tmp-(\d+)-([0-9a-f]{{8}})")
 
 
@@ -186,7 +182,7 @@ class DecodedCache:
         digests = [bytes.fromhex(sha) for sha in shas]
         keys = b"".join(digests)
         name = hashlib.sha256(keys).hexdigest()[:_ID_CHARS]
-        suffix = f"tmp-{os.getpid()}-{_HOST}"
+        suffix = f"tmp-{os.getpid()}-{HOST_TAG}"
         keys_tmp = self.folder / f".{name}.keys.{suffix}"
         pixels_tmp = self.folder / f".{name}.npy.{suffix}"
         try:
@@ -442,18 +438,8 @@ def _remove_stale_temporaries(folder: Path) -> None:
     with os.scandir(folder) as entries:
         for entry in entries:
             found = _TEMPORARY.fullmatch(entry.name)
-            if found and found.group(2) == _HOST and not _running(int(found.group(1))):
+            if found and found.group(2) == HOST_TAG and not process_running(int(found.group(1))):
                 Path(entry.path).unlink(missing_ok=True)
-
-
-def _running(pid: int) -> bool:
-    # A zombie (dead, not yet reaped by its parent) still has its pid but writes nothing more.
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-    except (psutil.Error, ValueError, OverflowError):  # another user's, unreadable, no pid
-        return True  # not ours to judge: keep its temporary
 
 
 def _cores() -> int:
