@@ -10,7 +10,6 @@ import sys
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +57,7 @@ def _verify(arguments: argparse.Namespace) -> None:
     )  # fmt: skip
     report = verify_folder(arguments.folder, settings, workers=arguments.workers)
     if arguments.json:
-        json.dump([asdict(record) for record in report.records], sys.stdout, indent=1)
+        json.dump([record._asdict() for record in report.records], sys.stdout, indent=1)
         print()
     else:
         print("path\tlabel\tverdict\treason\tsha256")

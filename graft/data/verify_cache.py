@@ -7,8 +7,8 @@ Two tables in one SQLite file, plus a content-addressed object store:
 - ``checks``: sha256 + check settings -> verdict, reason, header facts and perceptual hash,
   so content that was judged once under the same settings is never decoded again, wherever
   it moves;
-- ``objects/<sha256[:2]>/<sha256>``: the bytes of every accepted image, read-only, which the
-  ingested dataset hard-links instead of copying.
+- ``objects/<sha256[:2]>/<sha256>``: the bytes of every accepted image, read-only, from which
+  ingest packs the dataset's new shards without reading the sources again.
 
 Everything here is keyed by content and settings, so the cache can only make a run faster,
 never different; deleting it is always safe.
@@ -20,8 +20,8 @@ import os
 import sqlite3
 import threading
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from graft.data.image_check import ImageCheck
 
@@ -38,9 +38,9 @@ DROP TABLE IF EXISTS verdicts;
 """  # ``verdicts`` held the checks of graft before perceptual hashes; its keys have expired
 
 
-@dataclass(frozen=True)
-class FileStat:
-    """What says a file is unchanged: size in bytes, mtime in nanoseconds and inode."""
+class FileStat(NamedTuple):
+    """What says a file is unchanged: size in bytes, mtime in nanoseconds and inode (a named
+    tuple, so it compares with the stats table's rows as they come)."""
 
     size: int
     mtime_ns: int
@@ -88,7 +88,7 @@ class VerifyCache:
     def known_hash(self, path: str, stat: FileStat) -> str | None:
         """The sha256 (hex) recorded for ``path`` if its size, mtime and inode are unchanged."""
         known = self.stat_hashes().get(path)
-        if known is None or known[:3] != (stat.size, stat.mtime_ns, stat.inode):
+        if known is None or known[:3] != stat:
             return None
         return known[3]
 
