@@ -43,3 +43,25 @@ def test_past_revision_images_come_back_from_the_remote(
     fetched = tmp_path / "fetched.png"
     run(["graft", "lineage", "image", sha, "--rev", first, "-o", str(fetched)], repo)
     assert fetched.read_bytes() == removed_bytes
+
+    # A damaged copy is refused, never handed over: one byte of that image flipped in the
+    # remote's copy of its shard (the local cache is gone, so the remote is what DVC reads).
+    with dvc.api.open("data/ingested/index.csv", repo=str(repo), rev=first) as stream:
+        index = pd.read_csv(stream, dtype={"offset": int, "size": int})
+    at = index[index["sha256"] == sha].iloc[0]
+    start, end = int(at["offset"]), int(at["offset"]) + int(at["size"])
+    damaged = []
+    for stored in sorted(p for p in (tmp_path / "remote").rglob("*") if p.is_file()):
+        data = bytearray(stored.read_bytes())
+        if data[:2] == b"PK" and data[start:end] == removed_bytes:
+            data[start + len(removed_bytes) // 2] ^= 0xFF
+            stored.chmod(0o644)
+            stored.write_bytes(bytes(data))
+            damaged.append(stored)
+    assert len(damaged) == 1
+    shutil.rmtree(repo / ".dvc" / "cache", ignore_errors=True)
+    refused = tmp_path / "refused.png"
+    fetch = ["graft", "lineage", "image", sha, "--rev", first, "-o", str(refused)]
+    failed = run(fetch, repo, check=False)
+    assert failed.returncode != 0 and "damaged" in failed.stderr, failed.stderr
+    assert not refused.exists()

@@ -9,6 +9,7 @@ read: shards with ``index.csv`` (graft.data.store) and the earlier one file per 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 from pathlib import Path, PurePosixPath
 
@@ -23,13 +24,29 @@ class ImageNotFound(GraftError):
     """The revision's dataset holds no image with that sha256."""
 
 
+class ImageDamaged(GraftError):
+    """The bytes found for an image do not hash to its sha256 (a damaged cache or remote)."""
+
+
 def image_bytes(root: Path, sha256: str, rev: str = "HEAD") -> bytes:
     """The exact bytes of the ingested image ``sha256`` (hex) in the dataset at ``rev`` of the
     DVC project ``root``.
 
-    Raises ImageNotFound when that dataset does not hold it, RevisionError when ``rev`` does
-    not resolve, and DVC's errors when the data is in neither the cache nor a remote.
+    Raises ImageNotFound when that dataset does not hold it, ImageDamaged when the bytes found
+    do not hash to ``sha256``, RevisionError when ``rev`` does not resolve, and DVC's errors
+    when the data is in neither the cache nor a remote.
     """
+    data = _find(root, sha256, rev)
+    if hashlib.sha256(data).hexdigest() != sha256.lower():
+        raise ImageDamaged(
+            f"the bytes stored for image {sha256} at {rev} hash to something else: the DVC "
+            "cache or remote that holds them is damaged"
+        )
+    return data
+
+
+def _find(root: Path, sha256: str, rev: str) -> bytes:
+    """The bytes stored for image ``sha256`` at ``rev``, unchecked (see :func:`image_bytes`)."""
     commit = resolve_commit(root, rev)
     if commit is None:
         raise RevisionError(f"{rev!r} is not a revision of {root}")
