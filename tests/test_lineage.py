@@ -126,6 +126,8 @@ def test_show_gives_each_versions_hashes_counts_and_params(
     assert lr == (0.003 if version == "v1" else 0.004)
     assert shown["pretrained"]["provenance"]["backbone"]["init"] == "scratch"
     assert [s["role"] for s in shown["sources"]] == ["pretrain", "target"]
+    target = shown["sources"][1]  # the scan stage's fingerprint of the folder at that version
+    assert len(target["sha256"]) == 64 and target["files"] == (53 if version == "v1" else 54)
     tagged = run(["git", "rev-parse", f"{shown['tag']}^{{commit}}"], scenario.repo).stdout.strip()
     assert shown["code"]["commit"] == tagged
     assert shown["code"]["dirty"] is False

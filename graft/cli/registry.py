@@ -79,7 +79,11 @@ def _show(arguments: argparse.Namespace) -> None:
             f"rejected {reasons}"
         )
     for source in lineage["sources"]:
-        lines.append(f"  source     {source['role']}: {source['path']}  md5 {source['md5']}")
+        if "sha256" in source:  # the scan stage's fingerprint
+            pinned = f"{source['files']} files, fingerprint sha256 {source['sha256']}"
+        else:  # before the scan stage: DVC's hash of the folder
+            pinned = f"md5 {source['md5']}"
+        lines.append(f"  source     {source['role']}: {source['path']}  {pinned}")
     dirty = {None: "unknown (not published)", True: "dirty", False: "clean"}[code["dirty"]]
     lines.append(f"  code       commit {code['commit']}  tree {dirty}")
     metrics = lineage["metrics"] or {}

@@ -150,8 +150,6 @@ def _data(lock: dict[str, Any], params: dict[str, Any], card: dict[str, Any]) ->
     paths, hashes, data = params["paths"], card.get("inputs_sha256", {}), card.get("data", {})
     dataset, splits = str(paths["ingest"]["dataset"]), str(paths["split"]["splits"])
     ingest = _stage(lock, dataset)
-    sources = params.get("ingest", {}).get("sources", {})
-    source_dirs = {str(s["uri"]): role for role, s in sources.items()}
     return {
         "split": {
             **_out(lock, splits),
@@ -166,12 +164,41 @@ def _data(lock: dict[str, Any], params: dict[str, Any], card: dict[str, Any]) ->
             "rejected": data.get("rejected"),
             "params": ingest.get("params"),
         },
-        "sources": [
-            {"role": source_dirs[d["path"]], **d}
-            for d in ingest.get("deps", [])
-            if d["path"] in source_dirs
-        ],
     }
+
+
+def _sources(root: Path, commit: str, lock: dict[str, Any], params: dict[str, Any]) -> list[Any]:
+    """The ``sources`` section: each role's source folder and what pinned its content.
+
+    Since the ``scan`` stage, its output (``paths.scan.sources``, read at ``commit`` from the
+    DVC cache or remote) holds each folder's fingerprint: ``sha256`` of every file's path and
+    content hash, with the file count, bytes and class folders. Before it, ``ingest`` depended
+    on the folders themselves and ``dvc.lock`` holds DVC's ``md5`` of each. Raises
+    RevisionError when the scan's output can be in neither the cache nor the remote.
+    """
+    sources = params.get("ingest", {}).get("sources", {})
+    scanned = params["paths"].get("scan", {}).get("sources")
+    if scanned is not None and stage_writing(lock, str(scanned)) is not None:
+        found = output_json(root, commit, str(scanned))
+        return [
+            {
+                "role": role,
+                "path": str(found[role]["uri"]),
+                "sha256": found[role]["sha256"],
+                "files": found[role]["files"],
+                "bytes": found[role]["bytes"],
+                "classes": found[role]["classes"],
+            }
+            for role in sources
+            if role in found
+        ]
+    source_dirs = {str(s["uri"]): role for role, s in sources.items()}
+    ingest = _stage(lock, str(params["paths"]["ingest"]["dataset"]))
+    return [
+        {"role": source_dirs[d["path"]], **d}
+        for d in ingest.get("deps", [])
+        if d["path"] in source_dirs
+    ]
 
 
 def show(root: Path, target: Target) -> dict[str, Any]:
@@ -198,6 +225,7 @@ def show(root: Path, target: Target) -> dict[str, Any]:
         "model": _model(lock, package, card),
         **_training(lock, params["paths"], card),
         **_data(lock, params, card),
+        "sources": _sources(root, commit, lock, params),
         "code": {
             "commit": commit,
             "dirty": record.get("dirty") if record else None,
