@@ -3,6 +3,7 @@ real Prefect server per module that asks for one."""
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +19,18 @@ from graft.data.split import make_splits
 
 if TYPE_CHECKING:
     from deployed import Server
+
+
+@pytest.fixture
+def children() -> Iterator[list[subprocess.Popen[str]]]:
+    """Child processes a test starts (it appends them); any still running at its end are
+    killed, and every one is waited for, so none outlives its test."""
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -46,19 +45,8 @@ with atomic_path(destination, directory=how != "file") as temporary:
 """
 
 
-@pytest.fixture
-def writers() -> Iterator[list[subprocess.Popen[str]]]:
-    """Writer processes started by a test; any still running at its end are killed."""
-    started: list[subprocess.Popen[str]] = []
-    yield started
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-        process.wait()
-
-
 def stop_inside_write(
-    writers: list[subprocess.Popen[str]], destination: Path, how: str
+    children: list[subprocess.Popen[str]], destination: Path, how: str
 ) -> tuple[subprocess.Popen[str], Path]:
     """Start a writer of ``destination`` (``how``: file, folder or retire) and return it with
     the path it left its work in, once it is waiting inside the write."""
@@ -69,7 +57,7 @@ def stop_inside_write(
         stdout=subprocess.PIPE,
         text=True,
     )
-    writers.append(process)
+    children.append(process)
     assert process.stdout is not None
     line = process.stdout.readline().strip()  # blocks until the writer is inside
     assert line, f"the writer exited ({process.wait()}) before reaching the write"
@@ -88,10 +76,10 @@ def names(folder: Path) -> list[str]:
 
 @pytest.mark.parametrize("how", ["file", "folder"])
 def test_a_killed_writers_temporary_is_removed_by_the_next_write(
-    tmp_path: Path, writers: list[subprocess.Popen[str]], how: str
+    tmp_path: Path, children: list[subprocess.Popen[str]], how: str
 ) -> None:
     destination = tmp_path / ("metrics.json" if how == "file" else "package")
-    process, temporary = stop_inside_write(writers, destination, how)
+    process, temporary = stop_inside_write(children, destination, how)
     kill(process)
     assert temporary.name.startswith(f".{destination.name}.tmp-{process.pid}-")
     assert names(tmp_path) == [temporary.name]  # SIGKILL ran no clean-up: it stays
@@ -108,12 +96,12 @@ def test_a_killed_writers_temporary_is_removed_by_the_next_write(
 
 
 def test_a_writer_killed_while_retiring_the_old_folder_leaves_nothing_after_the_next(
-    tmp_path: Path, writers: list[subprocess.Popen[str]]
+    tmp_path: Path, children: list[subprocess.Popen[str]]
 ) -> None:
     destination = tmp_path / "package"
     with atomic_path(destination, directory=True) as first:
         (first / "model.pt").write_text("v1")
-    process, retired = stop_inside_write(writers, destination, "retire")
+    process, retired = stop_inside_write(children, destination, "retire")
     kill(process)
     # Killed after the new folder took the destination's place, before the old was removed.
     assert retired.name.startswith(f".package.old-{process.pid}-")
@@ -128,10 +116,10 @@ def test_a_writer_killed_while_retiring_the_old_folder_leaves_nothing_after_the_
 
 
 def test_a_running_writers_temporary_is_left_alone(
-    tmp_path: Path, writers: list[subprocess.Popen[str]]
+    tmp_path: Path, children: list[subprocess.Popen[str]]
 ) -> None:
     destination = tmp_path / "metrics.json"
-    running, theirs = stop_inside_write(writers, destination, "file")
+    running, theirs = stop_inside_write(children, destination, "file")
 
     write_text(destination, "ours")
 
@@ -144,11 +132,11 @@ def test_a_running_writers_temporary_is_left_alone(
 
 
 def test_only_the_destinations_own_dead_temporaries_are_removed(
-    tmp_path: Path, writers: list[subprocess.Popen[str]]
+    tmp_path: Path, children: list[subprocess.Popen[str]]
 ) -> None:
     # A dead writer's temporary of another destination whose name begins the same, one of
     # another machine and one from before names carried a writer: none is ours to remove.
-    process, theirs = stop_inside_write(writers, tmp_path / "metrics.json.tmp-1", "file")
+    process, theirs = stop_inside_write(children, tmp_path / "metrics.json.tmp-1", "file")
     kill(process)
     _, _, host, _ = theirs.name.rsplit("-", 3)
     other_machine = tmp_path / f".metrics.json.tmp-{process.pid}-{'0' * len(host)}-abc_1234"
@@ -167,10 +155,10 @@ def test_only_the_destinations_own_dead_temporaries_are_removed(
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="zombies are told by /proc")
 def test_a_killed_writer_not_yet_reaped_counts_as_dead(
-    tmp_path: Path, writers: list[subprocess.Popen[str]]
+    tmp_path: Path, children: list[subprocess.Popen[str]]
 ) -> None:
     destination = tmp_path / "metrics.json"
-    process, temporary = stop_inside_write(writers, destination, "file")
+    process, temporary = stop_inside_write(children, destination, "file")
     process.send_signal(signal.SIGKILL)  # and not reaped: a zombie until the fixture waits
     poll_until(
         lambda: Path(f"/proc/{process.pid}/stat").read_text().rpartition(")")[2].split()[0],

@@ -14,7 +14,7 @@ import pickle
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -124,17 +124,6 @@ def direct(folder: Path, shas: list[str], size: int = SIZE) -> torch.Tensor:
 
 def temporaries(folder: Path) -> list[str]:
     return sorted(path.name for path in folder.iterdir() if ".tmp-" in path.name)
-
-
-@pytest.fixture
-def children() -> Iterator[list[subprocess.Popen[str]]]:
-    """Child processes started by a test; any still running at its end are killed."""
-    started: list[subprocess.Popen[str]] = []
-    yield started
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-        process.wait()
 
 
 def start(children: list[subprocess.Popen[str]], script: str, *args: object) -> None:
