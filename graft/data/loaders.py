@@ -224,6 +224,11 @@ class ImageBatches:
             collate_fn=_as_is,
             num_workers=common.num_workers,
             persistent_workers=common.num_workers > 0,
+            # Workers start from a clean server process, not by forking this one: a fork
+            # copies whatever threads and handlers the caller runs (a Prefect client, a test
+            # run), and forked workers of a threaded parent died at shutdown (exit code 1).
+            # The image source travels by pickle (the decoded cache's maps are reopened).
+            multiprocessing_context="forkserver" if common.num_workers > 0 else None,
             # Page-locked batches only help copies to a CUDA device (and warn elsewhere).
             pin_memory=common.pin_memory and self.device.type == "cuda",
         )
