@@ -9,7 +9,6 @@ read: shards with ``index.csv`` (graft.data.store) and the earlier one file per 
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 from pathlib import Path, PurePosixPath
 
@@ -17,6 +16,7 @@ import dvc.api
 
 from graft.data.store import INDEX_NAME, LEGACY_IMAGES, SHARDS_NAME
 from graft.errors import GraftError
+from graft.hashing import sha256_hex
 from graft.registry.revisions import RevisionError, params_at, resolve_commit
 
 
@@ -37,7 +37,7 @@ def image_bytes(root: Path, sha256: str, rev: str = "HEAD") -> bytes:
     when the data is in neither the cache nor a remote.
     """
     data = _find(root, sha256, rev)
-    if hashlib.sha256(data).hexdigest() != sha256.lower():
+    if sha256_hex(data) != sha256.lower():
         raise ImageDamaged(
             f"the bytes stored for image {sha256} at {rev} hash to something else: the DVC "
             "cache or remote that holds them is damaged"
