@@ -31,6 +31,7 @@ from graft.config.settings import (
     ROLES,
     Augment,
     Common,
+    Distributed,
     Evaluate,
     Finetune,
     Fractions,
@@ -57,6 +58,7 @@ __all__ = [
     "ROLES",
     "Augment",
     "Common",
+    "Distributed",
     "Evaluate",
     "EvaluatePaths",
     "Finetune",
@@ -71,6 +73,7 @@ __all__ = [
     "Pretrain",
     "Register",
     "RegisterPaths",
+    "Rendezvous",
     "Role",
     "Run",
     "Source",
@@ -91,14 +94,33 @@ class ParamsError(GraftError):
     """params.yaml is missing, malformed, has a bad key or value, or does not fit this machine."""
 
 
+class Rendezvous(StrictModel):
+    """``run.distributed``: where the processes of a data-parallel stage meet (torchrun's
+    static rendezvous) and how long they wait for each other; not DVC params, as no result
+    depends on them.
+
+    ``master_addr``:``master_port`` is node 0's address, the same on every node (the default
+    only reaches processes on this machine). ``rendezvous_timeout_s``: seconds every node waits
+    for the others to join; ``collective_timeout_s``: seconds a process waits in one collective
+    (a gradient sum, a broadcast) before the stage fails rather than hangs.
+    """
+
+    master_addr: str = Field(default="127.0.0.1", min_length=1)
+    master_port: int = Field(default=29500, ge=1, le=65535)
+    rendezvous_timeout_s: float = Field(default=600, gt=0)
+    collective_timeout_s: float = Field(default=1800, gt=0)
+
+
 class Run(StrictModel):
     """``run``: how `graft run` and the flow run stages; not DVC params, as no result depends on
     them. ``timeout_s`` maps stage names to seconds (every value above 0) and must hold a
     ``default`` entry for the stages not named; ``lock_retries`` counts retries while another
-    DVC command holds the repository lock."""
+    DVC command holds the repository lock; ``distributed`` is the rendezvous of data-parallel
+    training stages."""
 
     timeout_s: dict[str, float]
     lock_retries: int = Field(default=5, ge=0)
+    distributed: Rendezvous = Rendezvous()
 
     @field_validator("timeout_s")
     @classmethod

@@ -36,11 +36,32 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class Distributed(StrictModel):
+    """``common.distributed``: how many processes train one model together (DDP, torchrun).
+
+    ``nproc_per_node`` processes on each of ``nnodes`` machines; their product is the world
+    size. A result setting: ``batch_size`` stays the global batch, split between the
+    processes, but the sums of a step are taken in another order, so weights differ in the
+    last bits (and BatchNorm statistics per process unless ``sync_batchnorm``, which needs
+    CUDA). Left out of params.yaml, training runs in one process as before.
+    """
+
+    nproc_per_node: int = Field(default=1, ge=1, le=1024)
+    nnodes: int = Field(default=1, ge=1, le=1024)
+    sync_batchnorm: bool = False  # BatchNorm statistics over the global batch (CUDA only)
+
+    @property
+    def world_size(self) -> int:
+        """Processes in all: ``nproc_per_node * nnodes``."""
+        return self.nproc_per_node * self.nnodes
+
+
 class Common(StrictModel):
     """``common``: seed, input size and normalisation, device and loader settings of every stage.
 
     ``image_size`` is in pixels (8 to 1024; images are resized to a square of that side);
     ``mean`` and ``std`` are per-channel (RGB) on the 0-1 scale, every ``std`` above 0.
+    ``distributed`` (optional) makes pretrain, finetune and baseline data-parallel.
     """
 
     seed: int = Field(ge=0)
@@ -52,6 +73,14 @@ class Common(StrictModel):
     pin_memory: bool = False  # page-locked batches: faster copies to a CUDA device
     amp: bool = True  # mixed precision (float16 autocast + gradient scaling); CUDA only
     channels_last: bool = False  # NHWC memory format: faster convolutions on recent GPUs
+    # Optional, so that a params.yaml without it records in dvc.lock (and the model card)
+    # exactly what it recorded before data-parallel training existed.
+    distributed: Distributed | None = None
+
+    @property
+    def processes(self) -> Distributed:
+        """``distributed``, or one process on one node when params.yaml leaves it out."""
+        return self.distributed or Distributed()
 
     @field_validator("std")
     @classmethod

@@ -114,7 +114,8 @@ def used_params(params: Params) -> dict[str, Any]:
     """Every param the pipeline's result depends on (the register stage declares them all),
     as JSON-ready dicts per section; not ingest.workers nor register.max_drop_vs_prod."""
     dump = {
-        "common": params.common.model_dump(mode="json"),
+        # common.distributed only when set: a one-process card stays as it was.
+        "common": params.common.model_dump(mode="json", exclude_none=True),
         "ingest": params.ingest.model_dump(mode="json", exclude={"workers"}),
         "split": params.split.model_dump(mode="json"),
         "pretrain": params.pretrain.model_dump(mode="json"),
