@@ -57,6 +57,14 @@ class AugmentParams:
                 return len(field)
         return 0
 
+    def rows(self, start: int, stop: int) -> AugmentParams:
+        """The parameters of images ``start`` to ``stop`` (exclusive) of the batch."""
+
+        def part(field: torch.Tensor | None) -> torch.Tensor | None:
+            return None if field is None else field[start:stop]
+
+        return AugmentParams(part(self.angle), part(self.shift), part(self.flip))
+
     @property
     def is_geometric(self) -> bool:
         """Whether a rotation or shift was drawn (these need resampling; a flip alone does not)."""
@@ -160,15 +168,21 @@ class BatchTransform:
         return a is not None and bool(a.rotation or a.translate or a.hflip)
 
     def __call__(
-        self, images: torch.Tensor, generator: torch.Generator | None = None
+        self,
+        images: torch.Tensor,
+        generator: torch.Generator | None = None,
+        within: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """Augment (when on) and normalise ``images``, uint8 (B, C, H, W), on any device.
 
         Draws each image's parameters from ``generator`` (a CPU generator; see
         :func:`draw_params` for the order), and draws nothing when augmentation is off.
-        Returns float32 (B, C, H, W) on the device of ``images``. Raises ValueError when
-        augmenting without a generator (the result would not be reproducible), and as
-        :meth:`apply` does.
+        ``within`` ``(start, whole)`` says that ``images`` are rows ``start`` to ``start + B``
+        of a batch of ``whole`` split between processes: the parameters of the whole batch are
+        drawn and these rows' applied, so every process draws alike and the images get what
+        one process would give them. Returns float32 (B, C, H, W) on the device of
+        ``images``. Raises ValueError when augmenting without a generator (the result would
+        not be reproducible), and as :meth:`apply` does.
         """
         if not self.augments:
             return self.apply(images, AugmentParams())
@@ -176,7 +190,11 @@ class BatchTransform:
             raise ValueError("augmentation needs a torch.Generator, so that runs are reproducible")
         assert self.augment is not None  # for mypy: self.augments says so
         count, _, height, width = _check_images(images, len(self.mean))
-        return self.apply(images, draw_params(self.augment, count, height, width, generator))
+        start, whole = within or (0, count)
+        if not 0 <= start <= start + count <= whole:
+            raise ValueError(f"rows {start} to {start + count} are not within a batch of {whole}")
+        drawn = draw_params(self.augment, whole, height, width, generator)
+        return self.apply(images, drawn.rows(start, start + count))
 
     def apply(self, images: torch.Tensor, params: AugmentParams) -> torch.Tensor:
         """Apply the given per-image ``params`` to ``images``, then scale to 0-1 and normalise.

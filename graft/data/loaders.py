@@ -15,7 +15,6 @@ the generator back draws the same (graft.training.fit_state saves it as ``genera
 
 from __future__ import annotations
 
-import math
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -35,6 +34,7 @@ from graft.data.decoding import decode_square
 from graft.data.store import ImageStore
 from graft.errors import GraftError
 from graft.training.device import resolve_device
+from graft.training.group import LOCAL, Group
 
 
 class ImageSource(Protocol):
@@ -158,41 +158,62 @@ def load_split(
 
 class _Positions(Sampler[list[int]]):
     """Batches of positions: in order, or in a new order drawn from ``generator`` each epoch
-    (drawn when the epoch starts, before that epoch's augmentation)."""
+    (drawn when the epoch starts, before that epoch's augmentation).
 
-    def __init__(self, count: int, batch_size: int, generator: torch.Generator | None) -> None:
+    With ``at_least`` > 1 (the number of processes sharing each batch), a last batch smaller
+    than that joins the one before it, so that every process gets at least one image of every
+    batch; with one process nothing changes.
+    """
+
+    def __init__(
+        self, count: int, batch_size: int, generator: torch.Generator | None, at_least: int = 1
+    ) -> None:
         self.count, self.batch_size, self.generator = count, batch_size, generator
+        self.at_least = at_least
 
     def __iter__(self) -> Iterator[list[int]]:
         if self.generator is None:
             order = torch.arange(self.count)
         else:
             order = torch.randperm(self.count, generator=self.generator)
-        for batch in order.split(self.batch_size):
+        for batch in self.split(order):
             yield batch.tolist()
 
+    def split(self, order: torch.Tensor) -> list[torch.Tensor]:
+        """``order`` cut into this sampler's batches."""
+        batches = list(order.split(self.batch_size))
+        if len(batches) > 1 and len(batches[-1]) < self.at_least:
+            batches[-2:] = [torch.cat(batches[-2:])]
+        return batches
+
     def __len__(self) -> int:
-        return math.ceil(self.count / self.batch_size)
+        batches, last = divmod(self.count, self.batch_size)
+        joins = batches >= 1 and 0 < last < self.at_least
+        return batches + (1 if last else 0) - (1 if joins else 0)
 
 
-class _Gather(Dataset[tuple[torch.Tensor, torch.Tensor]]):
-    """A batch of positions to (uint8 images, int64 positions), read in one gather."""
+class _Gather(Dataset[tuple[torch.Tensor, ...]]):
+    """A batch of positions to this process's share of it: (uint8 images, int64 positions,
+    the whole batch's size, the share's first row in it), read in one gather."""
 
-    def __init__(self, images: ImageSource) -> None:
-        self.images = images
+    def __init__(self, images: ImageSource, group: Group) -> None:
+        self.images, self.group = images, group
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, position: int) -> tuple[torch.Tensor, ...]:
         return self.__getitems__([position])
 
-    def __getitems__(self, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.images.gather(positions), torch.tensor(positions, dtype=torch.int64)
+    def __getitems__(self, positions: list[int]) -> tuple[torch.Tensor, ...]:
+        start, stop = self.group.shard(len(positions))
+        mine = positions[start:stop]
+        pixels = self.images.gather(mine)
+        return pixels, torch.tensor(mine, dtype=torch.int64), torch.tensor([len(positions), start])
 
 
 def _as_is(batch: Any) -> Any:
-    return batch  # __getitems__ already returns the batch, (images, positions)
+    return batch  # __getitems__ already returns the batch
 
 
 class ImageBatches:
@@ -201,6 +222,12 @@ class ImageBatches:
 
     ``batch_size`` is in images (the last batch may hold fewer). ``generator`` (seeded by
     ``common.seed``) draws the order when ``shuffle`` and the augmentation when ``augment``.
+
+    In a data-parallel ``group`` every rank draws the same order and augmentation, cuts each
+    batch of ``batch_size`` into the ranks' contiguous shares (:meth:`Group.shard`) and reads
+    and yields only its own: ``batch_size`` is the global batch, and each image gets the
+    augmentation one process would give it. A last batch smaller than the world size joins
+    the one before it.
     """
 
     def __init__(
@@ -211,16 +238,20 @@ class ImageBatches:
         batch_size: int,
         augment: Augment | None = None,
         shuffle: bool = False,
+        group: Group = LOCAL,
     ) -> None:
         self.images = images
         self.device = resolve_device(common.device)
         self.transform = BatchTransform(common.mean, common.std, augment)
         self.augment = augment
+        self.group = group
         self.generator = torch.Generator().manual_seed(common.seed)
-        positions = _Positions(len(images), batch_size, self.generator if shuffle else None)
+        self.positions = _Positions(
+            len(images), batch_size, self.generator if shuffle else None, group.world
+        )
         self.loader = DataLoader(
-            _Gather(images.images),
-            batch_sampler=positions,
+            _Gather(images.images, group),
+            batch_sampler=self.positions,
             collate_fn=_as_is,
             num_workers=common.num_workers,
             persistent_workers=common.num_workers > 0,
@@ -235,13 +266,27 @@ class ImageBatches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         generator = self.generator if self.augment is not None else None
-        for pixels, positions in self.loader:
+        for pixels, positions, (whole, start) in self.loader:
             inputs = pixels.to(self.device, non_blocking=True)
-            yield self.transform(inputs, generator), self.images.targets[positions]
+            within = (int(start), int(whole))
+            yield self.transform(inputs, generator, within), self.images.targets[positions]
 
     def __len__(self) -> int:
         """Batches per epoch."""
         return len(self.loader)
+
+    def shares(self) -> list[torch.Tensor]:
+        """The positions each rank yields in one epoch, in its order: int64 ``(n_r,)`` per
+        rank, for batches in a fixed order only (not ``shuffle``). Raises ValueError else."""
+        if self.positions.generator is not None:
+            raise ValueError("the shares of shuffled batches change every epoch")
+        batches = self.positions.split(torch.arange(len(self.images)))
+        shares = []
+        for rank in range(self.group.world):
+            ranked = Group(rank=rank, world=self.group.world)
+            cuts = [batch[slice(*ranked.shard(len(batch)))] for batch in batches]
+            shares.append(torch.cat(cuts) if cuts else torch.zeros(0, dtype=torch.int64))
+        return shares
 
 
 def make_loader(
@@ -251,9 +296,13 @@ def make_loader(
     batch_size: int,
     augment: Augment | None = None,
     shuffle: bool = False,
+    group: Group = LOCAL,
 ) -> ImageBatches:
-    """The batches of ``images`` (see :class:`ImageBatches`), fixed by ``common.seed``."""
-    return ImageBatches(images, common, batch_size=batch_size, augment=augment, shuffle=shuffle)
+    """The batches of ``images`` (see :class:`ImageBatches`), fixed by ``common.seed``; in a
+    data-parallel ``group``, this rank's share of each."""
+    return ImageBatches(
+        images, common, batch_size=batch_size, augment=augment, shuffle=shuffle, group=group
+    )
 
 
 @dataclass(frozen=True)
@@ -280,20 +329,30 @@ def training_data(
     *,
     batch_size: int,
     augment: Augment,
+    group: Group = LOCAL,
 ) -> TrainingData:
     """``role``'s train and val splits at ``common.image_size``, from the decoded cache under
-    ``decoded``, and their batches.
+    ``decoded``, and their batches (this rank's shares of them in a data-parallel ``group``).
 
-    The val set uses the train set's class order. Raises as :func:`load_split` does.
+    The val set uses the train set's class order. Raises as :func:`load_split` does, and
+    GraftError when a split has fewer images than the group has processes.
     """
     size = common.image_size
     train_set = load_split(splits, dataset, decoded, role=role, split="train", size=size)
     val_set = load_split(
         splits, dataset, decoded, role=role, split="val", size=size, classes=train_set.classes
     )
+    for name, images in (("train", train_set), ("val", val_set)):
+        if len(images) < group.world:  # a process would get no image of a batch
+            raise GraftError(
+                f"the {name} split of source {role!r} has {len(images)} images, fewer than "
+                f"the {group.world} processes of common.distributed"
+            )
     return TrainingData(
         train_set,
         val_set,
-        make_loader(train_set, common, batch_size=batch_size, augment=augment, shuffle=True),
-        make_loader(val_set, common, batch_size=batch_size),
+        make_loader(
+            train_set, common, batch_size=batch_size, augment=augment, shuffle=True, group=group
+        ),
+        make_loader(val_set, common, batch_size=batch_size, group=group),
     )

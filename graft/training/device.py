@@ -6,7 +6,7 @@ it decides where, in which memory layout, and how often the host waits for the d
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -81,9 +81,24 @@ class Tally:
         self.correct += (logits.argmax(1) == targets).sum()
         self.seen += len(targets)
 
-    def means(self) -> tuple[float, float]:
+    def means(
+        self, combine: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> tuple[float, float]:
         """Mean loss per example (nats) and accuracy (fraction correct) over what was added.
 
-        Raises ZeroDivisionError when nothing was added.
+        ``combine`` takes the float64 ``(3,)`` sums (loss, correct, seen) and returns the ones
+        to use: the sums over every process of a data-parallel group
+        (:meth:`graft.training.group.Group.total`). Raises ZeroDivisionError when nothing was
+        added.
         """
-        return float(self.loss) / self.seen, int(self.correct) / self.seen
+        if combine is None:
+            return float(self.loss) / self.seen, int(self.correct) / self.seen
+        sums = torch.stack(
+            (
+                self.loss.to(torch.float64),
+                self.correct.to(torch.float64),
+                torch.tensor(float(self.seen), dtype=torch.float64, device=self.loss.device),
+            )
+        )
+        loss, correct, seen = combine(sums).tolist()
+        return loss / seen, int(correct) / int(seen)

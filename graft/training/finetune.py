@@ -9,10 +9,9 @@ validation accuracy over both phases are kept.
 from __future__ import annotations
 
 import copy
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from graft.training.checkpoints import CheckpointMeta
 from graft.training.determinism import seeded
 from graft.training.device import Speed, resolve_device
 from graft.training.folding import folded, track_weight_decay
+from graft.training.group import LOCAL, Group
 from graft.training.head_inputs import FeatureBatches, cached_views
 from graft.training.history import EpochResult, FitOutcome
 from graft.training.loop import fit
@@ -40,10 +40,11 @@ AfterEpoch = Callable[[EpochResult], None]
 class PhaseHooks:
     """What each phase's :func:`~graft.training.loop.fit` calls back: ``after_epoch`` with
     every epoch's result, ``on_optimizer`` with its optimizer once built (folding's weight
-    decay tracking)."""
+    decay tracking); and the data-parallel ``group`` the phase trains in."""
 
     after_epoch: AfterEpoch | None = None
     on_optimizer: Callable[[torch.optim.Optimizer], None] | None = None
+    group: Group = LOCAL
 
 
 def finetune(
@@ -57,6 +58,7 @@ def finetune(
     resume: Path | None = None,
     after_epoch: AfterEpoch | None = None,
     decoded: Path | None = None,
+    group: Group = LOCAL,
 ) -> TrainedModel:
     """Two-phase fine-tuning of the ``backbone`` checkpoint on the target role.
 
@@ -70,7 +72,8 @@ def finetune(
     :func:`graft.training.loop.fit`). Runs seeded with ``common.seed`` and leaves the
     caller's RNGs as they were. Returns the network with the best weights of both phases, on
     the CPU, with its record (``extra``: the backbone's lineage and ``best_phase``) and the wall
-    time of each phase in seconds.
+    time of each phase in seconds. In a data-parallel ``group`` (graft.training.group) each
+    rank trains on its shares and every rank returns the same weights.
 
     Raises CheckpointError when the backbone checkpoint is missing or does not fit, GraftError
     when a target split is empty, and ModelError when the network cannot be frozen by blocks.
@@ -86,25 +89,27 @@ def finetune(
             common,
             batch_size=settings.batch_size,
             augment=settings.augment,
+            group=group,
         )
         decoding = time.perf_counter() - started
         start = backbone_weights(backbone, arch, len(data.classes))
         model = start.model
         model.to(device)
-        print(
+        group.say(
             f"finetune {start.arch} from {start.init[:24]} on {len(data.train_set)} images "
-            f"({len(data.classes)} classes), validating on {len(data.val_set)}",
-            file=sys.stderr,
+            f"({len(data.classes)} classes), validating on {len(data.val_set)}"
+            + (f", {group.world} processes" if group.distributed else "")
         )
-        outcome, seconds = _train_phases(model, data, settings, common, device, resume, after_epoch)
+        hooks = PhaseHooks(after_epoch, group=group)
+        outcome, seconds = _train_phases(model, data, settings, common, device, resume, hooks)
         # Phase 1 is charged with decoding too: the textbook loop decodes every epoch.
         seconds["head"] += decoding
-        meta = _finetuned_meta(start, data.classes, common, outcome)
+        meta = _finetuned_meta(start, data.classes, common, outcome, group)
         return TrainedModel(model.cpu(), meta, outcome, seconds)
 
 
 def _finetuned_meta(
-    start: StartingWeights, classes: list[str], common: Common, outcome: FitOutcome
+    start: StartingWeights, classes: list[str], common: Common, outcome: FitOutcome, group: Group
 ) -> CheckpointMeta:
     best = outcome.best
     assert best is not None  # the head phase runs at least one epoch
@@ -117,7 +122,7 @@ def _finetuned_meta(
         classes=classes,
         init=start.init,
         best=best,
-        extra={**lineage, "best_phase": best.phase},
+        extra={**lineage, "best_phase": best.phase, **group.record()},
     )
 
 
@@ -128,15 +133,15 @@ def _train_phases(
     common: Common,
     device: torch.device,
     resume: Path | None,
-    after_epoch: AfterEpoch | None,
+    hooks: PhaseHooks,
 ) -> tuple[FitOutcome, dict[str, float]]:
     """Both phases, folded where it applies; the outcome and each phase's wall time."""
     started = time.perf_counter()
     deeper = settings.unfreeze.blocks != 0 and settings.unfreeze.epochs > 0
     # VGG below 224 px: the same training, less work.
     with folded(model, common.image_size) as applied:
-        on_optimizer = partial(track_weight_decay, model) if applied else None
-        hooks = PhaseHooks(after_epoch, on_optimizer)
+        if applied:
+            hooks = replace(hooks, on_optimizer=partial(track_weight_decay, model))
         outcome = train_head(model, data, settings, common, device, resume, hooks)
         head_done = time.perf_counter()
         if deeper:
@@ -165,17 +170,28 @@ def train_head(
     ``model`` is on ``device``; its state after the phase goes to ``resume``/head.pt when
     ``resume`` (a folder) is given. Returns the phase's outcome, with its best weights left in
     ``model``. Raises ModelError when the network's forward never reaches its head.
+
+    In a data-parallel group each rank computes the head inputs of its shares, which are then
+    gathered, and every rank trains the same head on all of them: the head is small, the
+    backbone passes were the cost.
     """
+    group = hooks.group
     head = trainable_head(model, settings.head.scope)
     set_trainable(model, 0, head=head)
     size = settings.batch_size
     if settings.head.views == 0:
-        passes = [make_loader(data.train_set, common, batch_size=size)]
+        passes = [make_loader(data.train_set, common, batch_size=size, group=group)]
     else:
-        augmented = make_loader(data.train_set, common, batch_size=size, augment=settings.augment)
+        augmented = make_loader(
+            data.train_set, common, batch_size=size, augment=settings.augment, group=group
+        )
         passes = [augmented] * settings.head.views  # each pass draws new augmentations
-    train_features, train_targets = cached_views(model, head, passes, device)
-    val_features, val_targets = cached_views(model, head, [data.val], device)
+    train_features, train_targets = _gathered(
+        group, passes[0].shares(), *cached_views(model, head, passes, device)
+    )
+    val_features, val_targets = _gathered(
+        group, data.val.shares(), *cached_views(model, head, [data.val], device)
+    )
     return fit(
         head,
         [{"params": list(head.parameters()), "lr": settings.head.lr}],
@@ -191,7 +207,20 @@ def train_head(
         resume=resume / "head.pt" if resume else None,
         after_epoch=hooks.after_epoch,
         on_optimizer=hooks.on_optimizer,
+        group=group,
+        replicated=True,
     )
+
+
+def _gathered(
+    group: Group, shares: list[torch.Tensor], features: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's cached head inputs ``(views, n_r, ...)`` and targets ``(n_r,)``, put
+    together in image order: ``(views, N, ...)`` and ``(N,)``. One process: as they are."""
+    if not group.distributed:
+        return features, targets
+    by_image = group.gather_rows(features.movedim(1, 0).contiguous(), shares)
+    return by_image.movedim(0, 1).contiguous(), group.gather_rows(targets, shares)
 
 
 def train_deeper(
@@ -231,6 +260,7 @@ def train_deeper(
         resume=resume / "unfreeze.pt" if resume else None,
         after_epoch=hooks.after_epoch,
         on_optimizer=hooks.on_optimizer,
+        group=hooks.group,
     )
     outcome = FitOutcome(
         head_only.history + deeper.history, head_only.best, head_only.seconds + deeper.seconds

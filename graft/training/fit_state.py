@@ -5,6 +5,10 @@ everything an epoch changes: the weights that can train and every buffer, the op
 schedule, the gradient scaler, torch's global RNG (dropout, augmentation) and the training
 batches' own generator (their order), and the early-stopping bookkeeping. It is saved as
 plain tensors, dicts and lists, so ``torch.load(weights_only=True)`` reads it back.
+
+In a data-parallel group everything but torch's global RNG is the same on every rank (the
+batches' generator too: every rank draws the whole batch's order and augmentation), so rank
+0's state serves all, with every rank's RNG state kept beside it.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 from torch import nn
 
 from graft.atomic import atomic_path
+from graft.training.group import LOCAL, Group
 from graft.training.history import EarlyStopping, EpochResult, trainable_state
 
 
@@ -39,8 +44,10 @@ class FitState:
     """Everything after a finished epoch that the next epoch depends on.
 
     ``model`` and ``best_state`` are :func:`~graft.training.history.trainable_state` dicts
-    (name to tensor); ``torch_rng`` and ``generator`` are uint8 RNG states; ``stopped`` is
-    set once no epoch is left to train (the last epoch ran, or early stopping fired).
+    (name to tensor); ``torch_rng`` and ``generator`` are uint8 RNG states (``torch_rng``
+    ``(world, n)``, one row per rank, in a data-parallel group: dropout draws differ by
+    rank); ``stopped`` is set once no epoch is left to train (the last epoch ran, or early
+    stopping fired).
     """
 
     model: dict[str, torch.Tensor]
@@ -57,16 +64,23 @@ class FitState:
 
     @classmethod
     def capture(
-        cls, model: nn.Module, optimisation: Optimisation, progress: EarlyStopping, stopped: bool
+        cls,
+        model: nn.Module,
+        optimisation: Optimisation,
+        progress: EarlyStopping,
+        stopped: bool,
+        group: Group = LOCAL,
     ) -> FitState:
-        """The state of ``model`` and ``optimisation`` now, with ``progress`` so far."""
+        """The state of ``model`` and ``optimisation`` now, with ``progress`` so far (every
+        rank of a data-parallel ``group`` calls it: each gives its RNG state)."""
         generator = optimisation.generator
+        rng = torch.get_rng_state()
         return cls(
             model=trainable_state(model),  # frozen weights cannot change: not saved
             optimizer=optimisation.optimizer.state_dict(),
             schedule=optimisation.schedule.state_dict(),
             scaler=optimisation.scaler.state_dict(),
-            torch_rng=torch.get_rng_state(),
+            torch_rng=torch.stack(group.gather_objects(rng)) if group.distributed else rng,
             generator=generator.get_state() if generator is not None else None,
             history=list(progress.history),
             best=progress.best,
@@ -75,9 +89,11 @@ class FitState:
             stopped=stopped,
         )
 
-    def restore(self, model: nn.Module, optimisation: Optimisation, patience: int) -> EarlyStopping:
-        """Put this state into ``model``, ``optimisation`` and torch's global RNG; return the
-        early-stopping bookkeeping to continue with.
+    def restore(
+        self, model: nn.Module, optimisation: Optimisation, patience: int, rank: int = 0
+    ) -> EarlyStopping:
+        """Put this state into ``model``, ``optimisation`` and torch's global RNG (``rank``'s,
+        when it holds one per rank); return the early-stopping bookkeeping to continue with.
 
         Raises RuntimeError (from torch) when the state does not fit the model or optimizer.
         """
@@ -85,7 +101,10 @@ class FitState:
         optimisation.optimizer.load_state_dict(self.optimizer)
         optimisation.schedule.load_state_dict(self.schedule)
         optimisation.scaler.load_state_dict(self.scaler)
-        torch.set_rng_state(self.torch_rng)
+        rng = self.torch_rng
+        # A row of the per-rank states is a view into their storage, which set_rng_state
+        # does not handle (torch 2.14 crashes on it): hand it a tensor of its own.
+        torch.set_rng_state(rng[rank].clone() if rng.dim() == 2 else rng)
         if optimisation.generator is not None:
             assert self.generator is not None  # the same batches, so the same kind of source
             optimisation.generator.set_state(self.generator)

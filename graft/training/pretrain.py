@@ -10,7 +10,6 @@ their provenance.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -24,6 +23,7 @@ from graft.data.loaders import TrainingData, decoded_cache_folder, training_data
 from graft.training.determinism import seeded
 from graft.training.device import Speed, resolve_device
 from graft.training.folding import folded, track_weight_decay
+from graft.training.group import LOCAL, Group
 from graft.training.history import EpochResult, FitOutcome
 from graft.training.loop import fit
 from graft.training.models import replace_head
@@ -40,6 +40,7 @@ def pretrain(
     resume: Path | None = None,
     after_epoch: Callable[[EpochResult], None] | None = None,
     decoded: Path | None = None,
+    group: Group = LOCAL,
 ) -> TrainedModel:
     """Start ``settings.arch`` from ``settings.init`` and train it on the pretrain role.
 
@@ -49,6 +50,8 @@ def pretrain(
     ``after_epoch`` is called after every epoch (see :func:`graft.training.loop.fit`). Runs
     seeded with ``common.seed`` and leaves the caller's RNGs as they were. Returns the trained
     network on the CPU (the starting weights untrained with ``epochs: 0``) and its record.
+    In a data-parallel ``group`` (graft.training.group) each rank trains on its shares and
+    every rank returns the same weights.
 
     Raises WeightsError when the starting weights are missing or do not fit (before any image
     is decoded), and GraftError when the corpus's splits are empty.
@@ -59,7 +62,7 @@ def pretrain(
         # Weights first: a missing ImageNet file must fail before any image is decoded.
         start = starting_weights(settings.init, settings.arch, len(corpus_classes))
         if settings.epochs == 0:
-            print(f"pretrain: passing {start.init[:40]} through untrained", file=sys.stderr)
+            group.say(f"pretrain: passing {start.init[:40]} through untrained")
             meta = checkpoint_meta(
                 common,
                 arch=settings.arch,
@@ -77,8 +80,9 @@ def pretrain(
             common,
             batch_size=settings.batch_size,
             augment=settings.augment,
+            group=group,
         )
-        return _train_on_corpus(start, data, settings, common, device, resume, after_epoch)
+        return _train_on_corpus(start, data, settings, common, device, resume, after_epoch, group)
 
 
 def _train_on_corpus(
@@ -89,15 +93,16 @@ def _train_on_corpus(
     device: torch.device,
     resume: Path | None,
     after_epoch: Callable[[EpochResult], None] | None,
+    group: Group,
 ) -> TrainedModel:
     model = start.model
     if start.init != "scratch":
         replace_head(model, len(data.classes))
     model.to(device)
-    print(
+    group.say(
         f"pretrain {settings.arch} from {start.init[:40]} on {len(data.train_set)} images "
-        f"({len(data.classes)} classes), validating on {len(data.val_set)}, device {device}",
-        file=sys.stderr,
+        f"({len(data.classes)} classes), validating on {len(data.val_set)}, device {device}"
+        + (f", {group.world} processes" if group.distributed else "")
     )
     # VGG below 224 px: the same training, less work.
     with folded(model, common.image_size) as applied:
@@ -115,6 +120,7 @@ def _train_on_corpus(
             resume=resume / "pretrain.pt" if resume else None,
             after_epoch=after_epoch,
             on_optimizer=partial(track_weight_decay, model) if applied else None,
+            group=group,
         )
     assert outcome.best is not None  # epochs > 0, so fit ran at least one
     meta = checkpoint_meta(
@@ -123,7 +129,7 @@ def _train_on_corpus(
         classes=data.classes,
         init=start.init,
         best=outcome.best,
-        extra=_weights_record(start),
+        extra={**_weights_record(start), **group.record()},
     )
     return TrainedModel(model.cpu(), meta, outcome, {"pretrain": outcome.seconds})
 

@@ -2,12 +2,12 @@
 
 ``pretrain``, ``finetune`` and ``baseline`` differ only in how they train; each writes the same
 outputs (checkpoint, per-epoch history, metrics) through :func:`run_training_stage`, and each
-resumes an interrupted run from the state kept under ``paths.<stage>.resume``.
+resumes an interrupted run from the state kept under ``paths.<stage>.resume``. In a
+data-parallel group every rank trains and rank 0 alone writes.
 """
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +15,7 @@ from pathlib import Path
 from graft import atomic
 from graft.config.params import TrainPaths
 from graft.training.checkpoints import save_checkpoint
+from graft.training.group import LOCAL, Group
 from graft.training.history import history_table
 from graft.training.resume import ResumeKey, clear, resume_folder
 from graft.training.trained import TrainedModel
@@ -38,6 +39,7 @@ def run_training_stage(
     key: ResumeKey,
     inputs: list[Path],
     train: Callable[[Path | None], TrainedModel],
+    group: Group = LOCAL,
 ) -> TrainedModel:
     """Train with resume state keyed by ``key`` and ``inputs``, write the outputs, clean up.
 
@@ -45,14 +47,17 @@ def run_training_stage(
     ``train`` receives the resume folder (None when ``out.resume`` is unset) and returns the
     trained model, which is returned too. The resume folder is deleted only after every output
     is written, so a run killed at any point before that resumes from its last finished epoch.
+    In a data-parallel ``group`` only rank 0 writes (outputs and resume state) and clears.
     Raises what ``train`` raises, and OSError when an input cannot be read or an output written.
     """
     started = time.perf_counter()
     resume = resume_folder(out.resume, key, inputs) if out.resume else None
     trained = train(resume)
+    if not group.is_writer:
+        return trained
     write_outputs(out, trained)
     if out.resume:
         clear(out.resume)
     elapsed = time.perf_counter() - started
-    print(f"{stage} done in {elapsed:.1f}s: {trained.meta.metrics}", file=sys.stderr)
+    group.say(f"{stage} done in {elapsed:.1f}s: {trained.meta.metrics}")
     return trained
