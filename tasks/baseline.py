@@ -14,14 +14,16 @@ from graft.config.params import load_params
 from graft.data import schemas
 from graft.data.decoding import PillowLimits, configure_pillow
 from graft.data.layout import manifest_path
-from graft.errors import run_main
 from graft.training.determinism import use_deterministic_kernels
 from graft.training.finetune import finetune
+from graft.training.group import LOCAL, Group
+from graft.training.launch import run_stage
 from graft.training.stage import run_training_stage
 
 
-def main() -> None:
-    """Run the ``baseline`` stage with the project's params.yaml, from the project root."""
+def main(group: Group = LOCAL) -> None:
+    """Run the ``baseline`` stage with the project's params.yaml, from the project root, as
+    one process or as one rank of a data-parallel ``group`` (graft.training.launch)."""
     use_deterministic_kernels()
     params = load_params()
     check_arch(params)  # before any work: pretrain.arch must be known to torchvision
@@ -42,9 +44,11 @@ def main() -> None:
             arch=arch,
             resume=resume,
             decoded=params.paths.decoded,
+            group=group,
         ),
+        group=group,
     )
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_stage("baseline", main)

@@ -7,14 +7,16 @@ from graft.config.params import load_params
 from graft.data import schemas
 from graft.data.decoding import PillowLimits, configure_pillow
 from graft.data.layout import manifest_path
-from graft.errors import run_main
 from graft.training.determinism import use_deterministic_kernels
+from graft.training.group import LOCAL, Group
+from graft.training.launch import run_stage
 from graft.training.pretrain import pretrain
 from graft.training.stage import run_training_stage
 
 
-def main() -> None:
-    """Run the ``pretrain`` stage with the project's params.yaml, from the project root."""
+def main(group: Group = LOCAL) -> None:
+    """Run the ``pretrain`` stage with the project's params.yaml, from the project root, as
+    one process or as one rank of a data-parallel ``group`` (graft.training.launch)."""
     use_deterministic_kernels()
     params = load_params()
     check_arch(params)  # before any work: pretrain.arch must be known to torchvision
@@ -33,9 +35,11 @@ def main() -> None:
             params.common,
             resume=resume,
             decoded=params.paths.decoded,
+            group=group,
         ),
+        group=group,
     )
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_stage("pretrain", main)
