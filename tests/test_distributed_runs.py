@@ -29,8 +29,9 @@ from helpers import (
     tool_env,
 )
 from helpers import run as run_command
+from torch import nn
 
-from graft.training.checkpoints import load_checkpoint
+from graft.training.checkpoints import load_checkpoint, model_from_checkpoint
 
 pytestmark = pytest.mark.slow
 STAGE = [sys.executable, "-m", "tasks.pretrain"]
@@ -233,3 +234,19 @@ def test_bad_settings_fail_before_any_rank_starts_or_on_every_rank(
     stage_error = failed.stderr[failed.stderr.rindex("error: pretrain failed on rank") :]
     assert re.match(r"error: pretrain failed on rank [01] of 2 \(exit code 1\): ", stage_error)
     assert "data/splits.csv" in stage_error
+
+
+def test_vgg_folding_trains_data_parallel_into_a_torchvision_checkpoint(
+    project: Project, tmp_path: Path
+) -> None:
+    # VGG below 224 px trains with its classifier's input folded (graft/training/folding.py);
+    # the ranks train the folded network and rank 0 writes the unfolded weights.
+    repo = copy_of(project, tmp_path / "repo")
+    set_params(
+        repo, common={"image_size": 32}, pretrain={"arch": "vgg11", "epochs": 1, "lr": 0.0003}
+    )
+    run_command(STAGE, repo)
+    model, meta = model_from_checkpoint(repo / CHECKPOINT)
+    assert meta.arch == "vgg11" and meta.extra["distributed"]["world_size"] == 2
+    first = model.get_submodule("classifier.0")
+    assert isinstance(first, nn.Linear) and first.in_features == 512 * 7 * 7

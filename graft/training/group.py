@@ -81,7 +81,10 @@ class Group:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         cuda = next(model.parameters()).device.type == "cuda"
         return nn.parallel.DistributedDataParallel(
-            model, device_ids=[torch.cuda.current_device()] if cuda else None
+            model,
+            device_ids=[torch.cuda.current_device()] if cuda else None,
+            # Gradients live in the buckets that are summed: no copy in or out every step.
+            gradient_as_bucket_view=True,
         )
 
     def total(self, values: torch.Tensor) -> torch.Tensor:
