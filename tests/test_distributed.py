@@ -10,11 +10,11 @@ import pytest
 import torch
 from helpers import tiny_params
 
+from graft.config.checks import check_machine, distributed_problems
 from graft.config.params import Augment, Common, Params, ParamsError, parse_params
 from graft.data.loaders import ImageSet, InMemoryImages, make_loader
 from graft.training.fit_state import FitState
 from graft.training.group import Group
-from graft.training.launch import distributed_problems
 
 COMMON = Common(seed=5, image_size=12, mean=(0.5,) * 3, std=(0.25,) * 3, device="cpu")
 AUGMENT = Augment(rotation=15, translate=0.1, hflip=True)
@@ -128,3 +128,10 @@ def test_settings_this_machine_cannot_honour_are_named_before_any_work(sources: 
         one.common.processes.world_size == 1
         and parse_params(tiny_params(sources)).common.distributed is None
     )
+
+
+def test_graft_check_and_the_flow_name_them_too(sources: Path) -> None:
+    cores = len(os.sched_getaffinity(0))
+    with pytest.raises(ParamsError, match=r"common\.distributed\.nproc_per_node: .* CPU cores"):
+        check_machine(distributed(sources, nproc_per_node=cores + 1))
+    check_machine(distributed(sources, nproc_per_node=1))

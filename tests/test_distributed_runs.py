@@ -174,6 +174,27 @@ def test_a_crashed_rank_fails_the_stage_naming_it(
     assert not (repo / CHECKPOINT).exists()
 
 
+def test_a_stuck_rank_fails_the_stage_after_the_collective_timeout(
+    project: Project, tmp_path: Path, stages: list[subprocess.Popen[bytes]]
+) -> None:
+    repo = copy_of(project, tmp_path / "repo")
+    set_params(repo, **two_processes(collective_timeout_s=3))
+    log = tmp_path / "stuck.log"
+    stage = start(repo, log)
+    stages.append(stage)
+    poll_until(lambda: resume_state(repo), bool, "the first epoch's state", 120, 0.02)
+    ranks = ranks_of(stage)
+    ranks[1].suspend()  # SIGSTOP: alive, in the middle of a step, never answering
+    started = time.monotonic()
+    assert stage.wait(60) == 1
+    assert time.monotonic() - started < 40  # 3 s waiting, then 10 s for the stuck one to go
+    stage_error = log.read_text()[log.read_text().rindex("error: pretrain failed on rank") :]
+    assert stage_error.startswith("error: pretrain failed on rank 0 of 2"), stage_error
+    assert "run.distributed.collective_timeout_s = 3" in stage_error
+    _, alive = psutil.wait_procs(list(ranks.values()), timeout=30)
+    assert not alive
+
+
 def test_two_nodes_on_loopback_train_as_one_node_of_two_processes(
     project: Project, tmp_path: Path, stages: list[subprocess.Popen[bytes]]
 ) -> None:

@@ -1,21 +1,26 @@
-"""Checks of validated params against this machine: the file system and the installed packages.
+"""Checks of validated params against this machine: files, installed packages, devices.
 
 :func:`graft.config.params.parse_params` only checks what the file says; whether its source
-folders exist here and hold only what DVC can track, and whether this torchvision knows its
-architecture, depends on where it runs. Each entry point checks what it needs, right after
-loading the params and before any work: ingest the sources, the training stages the
-architecture, ``graft check`` both. Every check raises
+folders exist here and hold only what DVC can track, whether this torchvision knows its
+architecture, and whether this machine has the devices its data-parallel settings ask for,
+depends on where it runs. Each entry point checks what it needs, right after loading the
+params and before any work: ingest the sources, the training stages the architecture and the
+data-parallel settings, ``graft check`` and the flow all of them. Every check raises
 :class:`~graft.config.params.ParamsError` naming every bad key at once, in the same format as
 a validation error.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+import torch
 
 from graft.config.architecture import arch_problems, check_arch
 from graft.config.params import ROLES, Params, ParamsError, describe_problems
 from graft.data.sources import class_folders, invisible_collisions, look_alike_message, untrackable
+from graft.training.device import resolve_device
 
 
 def source_problems(params: Params, root: Path = Path(".")) -> list[tuple[str, str]]:
@@ -79,12 +84,46 @@ def check_sources(params: Params, root: Path = Path("."), *, origin: str = "para
     _raise_if_any(origin, source_problems(params, root))
 
 
+def distributed_problems(params: Params, node_rank: int = 0) -> list[tuple[str, str]]:
+    """``(key, message)`` for every data-parallel setting this machine cannot honour: more
+    processes per node than CUDA devices (or CPU cores), SyncBatchNorm off CUDA, MPS (no
+    backend), a ``--node-rank`` outside ``nnodes``. Empty for one process."""
+    processes = params.common.processes
+    problems: list[tuple[str, str]] = []
+    if not 0 <= node_rank < processes.nnodes:
+        nodes = processes.nnodes
+        problems.append(("--node-rank", f"{node_rank} is not among the {nodes} nodes of "
+                         f"common.distributed.nnodes (0 to {nodes - 1})"))  # fmt: skip
+    if processes.world_size == 1:
+        return problems
+    device = resolve_device(params.common.device)
+    asked = f"{processes.nproc_per_node} processes per node"
+    if device.type == "cuda":
+        present = torch.cuda.device_count()
+        if processes.nproc_per_node > present:
+            message = f"{asked}, one per CUDA device, but this machine has {present}"
+            problems.append(("common.distributed.nproc_per_node", message))
+    elif device.type == "cpu":
+        cores = len(os.sched_getaffinity(0))
+        if processes.nproc_per_node > cores:
+            message = f"{asked}, but this process may use {cores} CPU cores"
+            problems.append(("common.distributed.nproc_per_node", message))
+    else:
+        message = f"data-parallel training runs on CUDA or the CPU, not {device}"
+        problems.append(("common.device", message))
+    if processes.sync_batchnorm and device.type != "cuda":
+        message = f"SyncBatchNorm needs CUDA devices; this run trains on {device}"
+        problems.append(("common.distributed.sync_batchnorm", message))
+    return problems
+
+
 def check_machine(params: Params, root: Path = Path("."), *, origin: str = "params") -> None:
     """Run every check of this module; raise one ParamsError naming every bad key at once.
 
     ``root`` and ``origin`` as for :func:`check_sources`.
     """
-    _raise_if_any(origin, source_problems(params, root) + arch_problems(params))
+    problems = source_problems(params, root) + arch_problems(params)
+    _raise_if_any(origin, problems + distributed_problems(params))
 
 
 def _raise_if_any(origin: str, problems: list[tuple[str, str]]) -> None:
@@ -92,4 +131,11 @@ def _raise_if_any(origin: str, problems: list[tuple[str, str]]) -> None:
         raise ParamsError(describe_problems(origin, problems))
 
 
-__all__ = ["check_arch", "check_machine", "check_sources", "source_problems", "source_warnings"]
+__all__ = [
+    "check_arch",
+    "check_machine",
+    "check_sources",
+    "distributed_problems",
+    "source_problems",
+    "source_warnings",
+]

@@ -35,6 +35,7 @@ import torch.distributed as dist
 
 from graft import atomic
 from graft.config.architecture import arch_problems
+from graft.config.checks import distributed_problems
 from graft.config.params import Params, ParamsError, describe_problems, load_params
 from graft.errors import GraftError, run_main
 from graft.training.device import resolve_device
@@ -42,6 +43,9 @@ from graft.training.group import LOCAL, Group
 
 StageMain = Callable[[Group], None]  # a stage's work, for one process or one rank
 RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")  # set by torchrun for every rank
+# Seconds the agent gives the other ranks to exit after one failed, before SIGKILL: a rank
+# stuck in a collective (or stopped) never exits on SIGTERM, and 30 s (torch's) is long to wait.
+SHUTDOWN_S = 10
 
 
 def run_stage(stage: str, main: StageMain, argv: list[str] | None = None) -> None:
@@ -55,39 +59,6 @@ def run_stage(stage: str, main: StageMain, argv: list[str] | None = None) -> Non
         _run_rank(main)
     else:
         run_main(lambda: _launch_or_run(stage, main, argv))
-
-
-def distributed_problems(params: Params, node_rank: int = 0) -> list[tuple[str, str]]:
-    """``(key, message)`` for every data-parallel setting this machine cannot honour: more
-    processes per node than CUDA devices (or CPU cores), SyncBatchNorm off CUDA, MPS (no
-    backend), a ``--node-rank`` outside ``nnodes``. Empty for one process."""
-    processes = params.common.processes
-    problems: list[tuple[str, str]] = []
-    if not 0 <= node_rank < processes.nnodes:
-        nodes = processes.nnodes
-        problems.append(("--node-rank", f"{node_rank} is not among the {nodes} nodes of "
-                         f"common.distributed.nnodes (0 to {nodes - 1})"))  # fmt: skip
-    if processes.world_size == 1:
-        return problems
-    device = resolve_device(params.common.device)
-    asked = f"{processes.nproc_per_node} processes per node"
-    if device.type == "cuda":
-        present = torch.cuda.device_count()
-        if processes.nproc_per_node > present:
-            message = f"{asked}, one per CUDA device, but this machine has {present}"
-            problems.append(("common.distributed.nproc_per_node", message))
-    elif device.type == "cpu":
-        cores = len(os.sched_getaffinity(0))
-        if processes.nproc_per_node > cores:
-            message = f"{asked}, but this process may use {cores} CPU cores"
-            problems.append(("common.distributed.nproc_per_node", message))
-    else:
-        message = f"data-parallel training runs on CUDA or the CPU, not {device}"
-        problems.append(("common.device", message))
-    if processes.sync_batchnorm and device.type != "cuda":
-        message = f"SyncBatchNorm needs CUDA devices; this run trains on {device}"
-        problems.append(("common.distributed.sync_batchnorm", message))
-    return problems
 
 
 def _launch_or_run(stage: str, main: StageMain, argv: list[str] | None) -> None:
@@ -135,6 +106,7 @@ def _launch(stage: str, params: Params, node_rank: int) -> None:
         rdzv_endpoint=f"{meeting.master_addr}:{meeting.master_port}",
         rdzv_configs={"rank": node_rank, "timeout": max(1, round(meeting.rendezvous_timeout_s))},
         max_restarts=0,  # a failed rank fails the stage; resume is graft's, from the last epoch
+        shutdown_timeout=SHUTDOWN_S,
     )
     print(
         f"{stage}: node {node_rank} of {processes.nnodes} starting {processes.nproc_per_node} "
@@ -150,6 +122,11 @@ def _launch(stage: str, params: Params, node_rank: int) -> None:
         message = failure.message
         if isinstance(message, dict):  # torch's own record: {"message": ..., "extraInfo": ...}
             message = message.get("message", message)
+        if "timed out" in str(message).lower():  # gloo's and NCCL's words for it
+            message = (
+                f"{message} (it waited longer than run.distributed.collective_timeout_s = "
+                f"{meeting.collective_timeout_s:g} for the others: one may be stuck or gone)"
+            )
         raise GraftError(
             f"{stage} failed on rank {rank} of {processes.world_size} (exit code "
             f"{failure.exitcode}): {message}"
