@@ -122,6 +122,10 @@ def test_settings_this_machine_cannot_honour_are_named_before_any_work(sources: 
     problems = dict(distributed_problems(synced, node_rank=2))
     assert "SyncBatchNorm needs CUDA" in problems["common.distributed.sync_batchnorm"]
     assert "0 to 1" in problems["--node-rank"]
+    raw = tiny_params(sources)
+    raw["common"]["distributed"] = {"nnodes": 2}
+    raw["pretrain"]["batch_size"] = 1
+    assert [key for key, _ in distributed_problems(parse_params(raw))] == ["pretrain.batch_size"]
     one = distributed(sources)
     assert distributed_problems(one) == []
     assert (
@@ -135,3 +139,13 @@ def test_graft_check_and_the_flow_name_them_too(sources: Path) -> None:
     with pytest.raises(ParamsError, match=r"common\.distributed\.nproc_per_node: .* CPU cores"):
         check_machine(distributed(sources, nproc_per_node=cores + 1))
     check_machine(distributed(sources, nproc_per_node=1))
+
+
+def test_batches_per_epoch_are_counted_as_they_are_drawn() -> None:
+    for count in range(1, 40):
+        for batch_size in (1, 3, 8):
+            for world in (1, 2, 3, 5):
+                batches = make_loader(
+                    image_set(count), COMMON, batch_size=batch_size, group=Group(0, world)
+                )
+                assert len(batches) == len(list(batches.positions)), (count, batch_size, world)

@@ -87,7 +87,8 @@ def check_sources(params: Params, root: Path = Path("."), *, origin: str = "para
 def distributed_problems(params: Params, node_rank: int = 0) -> list[tuple[str, str]]:
     """``(key, message)`` for every data-parallel setting this machine cannot honour: more
     processes per node than CUDA devices (or CPU cores), SyncBatchNorm off CUDA, MPS (no
-    backend), a ``--node-rank`` outside ``nnodes``. Empty for one process."""
+    backend), a global batch smaller than the world size, a ``--node-rank`` outside ``nnodes``.
+    Empty for one process."""
     processes = params.common.processes
     problems: list[tuple[str, str]] = []
     if not 0 <= node_rank < processes.nnodes:
@@ -96,6 +97,14 @@ def distributed_problems(params: Params, node_rank: int = 0) -> list[tuple[str, 
                          f"common.distributed.nnodes (0 to {nodes - 1})"))  # fmt: skip
     if processes.world_size == 1:
         return problems
+    world = processes.world_size
+    for key, batch_size in (
+        ("pretrain.batch_size", params.pretrain.batch_size),
+        ("finetune.batch_size", params.finetune.batch_size),
+    ):
+        if batch_size < world:  # the global batch is shared: each process needs an image
+            message = f"{batch_size} images cannot be shared by {world} processes (world size)"
+            problems.append((key, message))
     device = resolve_device(params.common.device)
     asked = f"{processes.nproc_per_node} processes per node"
     if device.type == "cuda":

@@ -180,16 +180,16 @@ class _Positions(Sampler[list[int]]):
             yield batch.tolist()
 
     def split(self, order: torch.Tensor) -> list[torch.Tensor]:
-        """``order`` cut into this sampler's batches."""
-        batches = list(order.split(self.batch_size))
+        """``order`` cut into this sampler's batches (none for no images)."""
+        batches = list(order.split(self.batch_size)) if len(order) else []
         if len(batches) > 1 and len(batches[-1]) < self.at_least:
             batches[-2:] = [torch.cat(batches[-2:])]
         return batches
 
     def __len__(self) -> int:
-        batches, last = divmod(self.count, self.batch_size)
-        joins = batches >= 1 and 0 < last < self.at_least
-        return batches + (1 if last else 0) - (1 if joins else 0)
+        full, rest = divmod(self.count, self.batch_size)
+        batches, last = full + (1 if rest else 0), rest or self.batch_size
+        return batches - (1 if batches > 1 and last < self.at_least else 0)
 
 
 class _Gather(Dataset[tuple[torch.Tensor, ...]]):
