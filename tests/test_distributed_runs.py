@@ -19,6 +19,7 @@ from typing import Any
 
 import psutil
 import pytest
+import torch
 import yaml
 from helpers import (
     copy_demo_subset,
@@ -271,3 +272,15 @@ def test_vgg_folding_trains_data_parallel_into_a_torchvision_checkpoint(
     assert meta.arch == "vgg11" and meta.extra["distributed"]["world_size"] == 2
     first = model.get_submodule("classifier.0")
     assert isinstance(first, nn.Linear) and first.in_features == 512 * 7 * 7
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_two_gpus_train_with_nccl_and_sync_batchnorm(project: Project, tmp_path: Path) -> None:
+    repo = copy_of(project, tmp_path / "repo")
+    processes = two_processes()
+    processes["common"]["distributed"]["sync_batchnorm"] = True
+    set_params(repo, common={"device": "cuda", **processes["common"]}, run=processes["run"])
+    run_command(STAGE, repo)
+    _, meta = load_checkpoint(repo / CHECKPOINT)
+    assert meta.extra["distributed"] == {"world_size": 2, "backend": "nccl"}

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -167,6 +168,8 @@ def _run_rank(main: StageMain) -> None:
             main(group)
         finally:
             dist.destroy_process_group()
+    except KeyboardInterrupt:  # Ctrl-C reaches every rank; the agent reports the stop
+        sys.exit(128 + signal.SIGINT)
     except Exception as error:  # every failure of a rank: reported with its rank, then exit 1
         _report_rank_failure(rank, error)
         sys.exit(1)
