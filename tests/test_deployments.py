@@ -103,14 +103,20 @@ def test_a_schedule_picks_up_new_images(project: Project) -> None:
     assert set(stale_stages(project.repo, params)) == {SCAN_STAGE}
 
     # An interval schedule whose next run is due in a few seconds: the server's scheduler,
-    # not the test, creates the run.
+    # not the test, creates the run. The scheduler only creates runs still ahead of it: one
+    # that looks after `due` (a busy machine, its 2 s loop) makes the next one, an hour on,
+    # so `due` leaves it ample time, and a miss fails at once rather than after RUN_TIMEOUT_S.
     interval = timedelta(hours=1)
-    due = datetime.now(UTC) + timedelta(seconds=3)
+    due = datetime.now(UTC) + timedelta(seconds=15)
     schedule: SCHEDULE_TYPES = IntervalSchedule(interval=interval, anchor_date=due - interval)
     with project.server.client() as client:
         deployment = client.read_deployment_by_name("graft-pipeline/on-demand")
         (created,) = client.create_deployment_schedules(deployment.id, [(schedule, True)])
         scheduled = first_scheduled_run(client, deployment.id)
+    expected = scheduled.expected_start_time
+    assert expected is not None and expected < due + timedelta(minutes=1), (
+        f"the scheduler looked after the run was due ({due}) and scheduled {expected}"
+    )
     flow_run = project.wait(scheduled.id)
     prefect_cli(
         ["prefect", "deployment", "schedule", "pause", "graft-pipeline/on-demand", str(created.id)],
