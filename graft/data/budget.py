@@ -19,10 +19,12 @@ from __future__ import annotations
 import multiprocessing
 import resource
 import signal
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
+from multiprocessing.sharedctypes import Synchronized
 from typing import Any, Generic, TypeVar
 
 from pebble import ProcessExpired, ProcessPool
@@ -63,8 +65,13 @@ def _overtime(signum: int, frame: object) -> None:
 
 
 def _start_worker(
-    memory_mb: int, initializer: Callable[..., None], initargs: tuple[Any, ...]
+    memory_mb: int,
+    started: Synchronized[int],
+    initializer: Callable[..., None],
+    initargs: tuple[Any, ...],
 ) -> None:
+    with started.get_lock():
+        started.value += 1
     limit = memory_mb * 1024 * 1024
     _, hard = resource.getrlimit(resource.RLIMIT_DATA)
     if hard != resource.RLIM_INFINITY:
@@ -112,10 +119,11 @@ def map_budgeted(
     early (closing the iterator, an exception, Ctrl-C) stops every worker at once.
     """
     context = multiprocessing.get_context("forkserver")
+    started = context.Value("i", 0)  # workers that got as far as their initializer
     pool = ProcessPool(
         max_workers=max(1, workers),
         initializer=_start_worker,
-        initargs=(budget.memory_mb, initializer, initargs),
+        initargs=(budget.memory_mb, started, initializer, initargs),
         context=context,
     )
     chunks = [list(range(i, min(i + CHUNK, len(items)))) for i in range(0, len(items), CHUNK)]
@@ -153,10 +161,24 @@ def map_budgeted(
         finished = True
     finally:
         if finished:
+            if chunks:  # the pool started its workers with the first chunk
+                _await_workers(started, max(1, workers))
             pool.close()
         else:
             pool.stop()  # kill the workers now rather than wait for queued items
         pool.join()
+
+
+def _await_workers(started: Synchronized[int], count: int, timeout_s: float = 30) -> None:
+    """Wait until ``count`` workers have started (or ``timeout_s`` passed).
+
+    A worker still starting when the pool closes finds the pool's locks already gone (pebble
+    closes its channels before stopping such workers) and dies printing a traceback: seen on
+    a loaded machine, where a few items were done before the second worker was up.
+    """
+    deadline = time.monotonic() + timeout_s
+    while started.value < count and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def _lost(future: Future[Any]) -> Outcome[Any] | None:
