@@ -22,11 +22,13 @@ REJECTED_ROWS = 500  # the UI table stays readable; the full list is in the CSV 
 
 @dataclass(frozen=True)
 class StageRow:
-    """One row of the run's stage table: the stage, "ran" or "cached", and its seconds."""
+    """One row of the run's stage table: the stage, "ran" or "cached", its seconds and where
+    it ran ("workspace", "worktree" or "pool <work pool>")."""
 
     stage: str
     status: str  # "ran" or "cached"
     seconds: float
+    where: str = "workspace"
 
 
 def publish_run_artifacts(root: Path, params: Params, stages: list[StageRow]) -> None:
@@ -38,9 +40,11 @@ def publish_run_artifacts(root: Path, params: Params, stages: list[StageRow]) ->
     create_table_artifact(
         key="graft-stages",
         table=[
-            {"stage": s.stage, "status": s.status, "seconds": round(s.seconds, 1)} for s in stages
+            {"stage": s.stage, "status": s.status, "seconds": round(s.seconds, 1), "where": s.where}
+            for s in stages
         ],
-        description="Stages of this run: ran, or up to date in the DVC cache (cached).",
+        description="Stages of this run: ran (where: this workspace, a work tree of it beside "
+        "other stages, or a work pool's worker), or up to date in the DVC cache (cached).",
     )
     paths = params.paths
     _rejections(root / paths.ingest.summary, root / paths.ingest.rejected)

@@ -3,8 +3,10 @@
 dvc.yaml stays the only declaration of the pipeline. The flow reads the stage graph from DVC,
 asks DVC whether each stage is up to date, and runs a stale one through ``dvc repro`` (so
 ``dvc.lock`` is updated exactly as by hand). A stage DVC reports up to date is a task that
-completes at once and says so. A failed stage fails its task and the flow; nothing downstream
-of it runs. The stages' tasks are in flows/stages.py, the workspace lock in flows/workspace.py.
+completes at once and says so. Independent stages run side by side, placed ones on their work
+pool's workers (flows/concurrent_stages.py, flows/placement.py). A failed stage fails its
+task and the flow; nothing downstream of it runs. The stages' tasks are in flows/stages.py,
+the workspace lock in flows/workspace.py.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ from prefect.logging import get_run_logger
 from prefect.states import Cancelled
 
 from flows.artifacts import publish_run_artifacts
+from flows.concurrent_stages import run_stage_graph
 from flows.crash_detection import check_heartbeat, ensure_crash_automation
 from flows.missed_runs import MissedRuns, skip_reason
-from flows.stages import StageFailed, StageResult, stage_order, stage_task
+from flows.placement import check_placement
+from flows.stages import StageFailed, StageResult, stage_graph, stage_order
 from flows.workspace import workspace_lock
 from graft.config.checks import check_machine
 from graft.config.params import load_params
@@ -85,7 +89,8 @@ def pipeline(
     state saying why, before any other work. A deployment's run first checks its heartbeat
     setting and keeps the server's crash automation in place (flows/crash_detection.py).
     Returns one result per stage run, in order. Raises ParamsError for bad params.yaml,
-    ValueError for unknown stage names, WorkspaceBusy when the wait runs out, StageFailed
+    ValueError for unknown stage names, PlacementError when ``run.placement`` cannot be
+    followed (flows/placement.py), WorkspaceBusy when the wait runs out, StageFailed
     (DvcLocked once lock retries are exhausted) when a stage or publish fails,
     subprocess.CalledProcessError when `dvc pull`/`dvc push` fails; HeartbeatMisconfigured when
     a deployment's run sends heartbeats too rarely for crash detection.
@@ -106,18 +111,17 @@ def pipeline(
     check_machine(params, project, origin=str(project / "params.yaml"))
     settings = params.run
     every_stage = stage_order(project)
-    order = stage_order(project, stages) if stages else every_stage
+    graph = stage_graph(project, stages) if stages else stage_graph(project)
     unknown = sorted(set(settings.timeout_s) - set(every_stage) - {"default"})
     if unknown:
         raise ValueError(f"run.timeout_s names stages not in dvc.yaml: {', '.join(unknown)}")
+    check_placement(project, settings.placement, every_stage, graph)
     with workspace_lock(project, wait_for_workspace_s):
         if pull:
             _sync_with_remote(project, "pull", "--allow-missing")
-        results = []
-        for stage in order:  # in order; a failure raises, so nothing downstream runs
-            run_one = stage_task(stage, settings.lock_retries)
-            timeout_s = settings.timeout_for(stage)
-            results.append(run_one(project, stage, force=force, timeout_s=timeout_s))
+        # Each stage once its upstream is done; a failure raises once the stages running
+        # beside it have ended, so nothing downstream of it runs.
+        results = run_stage_graph(project, graph, settings, force)
         if push:
             _sync_with_remote(project, "push")
         publish_run_artifacts(project, params, [r.row() for r in results])

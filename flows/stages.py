@@ -44,6 +44,11 @@ STOP_GRACE_S = 3.0
 STOPPED_NOTE = "graft: stage {stage} was stopped with its whole process tree"
 _STOPPED_PATTERN = re.compile(re.escape(STOPPED_NOTE).replace(re.escape("{stage}"), "(.+)"))
 
+# Every `dvc repro` this process has running, whichever thread waits for it: a run whose
+# stages run side by side stops them all when it is interrupted (stop_running_stages).
+_running: dict[subprocess.Popen[str], str] = {}
+_running_guard = threading.Lock()
+
 
 class StageFailed(RuntimeError):
     """``dvc repro`` of one stage exited with an error or ran past its timeout."""
@@ -59,19 +64,45 @@ class DvcLocked(StageFailed):
 @dataclass(frozen=True)
 class StageResult:
     """What one stage task did: ``stage`` (its name), ``ran`` (False: DVC reported it up to
-    date and nothing was run) and ``seconds`` (the task's wall time, retries included)."""
+    date and nothing was run), ``seconds`` (the task's wall time, retries included) and
+    ``where`` it ran: "workspace", "worktree" (beside other stages, flows/worktrees.py) or
+    "pool <name>" (on a worker of that work pool, flows/placement.py)."""
 
     stage: str
     ran: bool
     seconds: float
+    where: str = "workspace"
 
     def row(self) -> StageRow:
         """This result as a row of the run's stage table: status "ran" or "cached"."""
-        return StageRow(self.stage, "ran" if self.ran else "cached", self.seconds)
+        return StageRow(self.stage, "ran" if self.ran else "cached", self.seconds, self.where)
 
 
-def stage_order(root: Path, targets: list[str] | None = None) -> list[str]:
-    """The stage names of the DVC project ``root``, every stage after all of its dependencies.
+@dataclass(frozen=True)
+class StageInputs:
+    """What one stage reads, split by how it reaches another workspace: ``data``, the deps
+    that other stages write (handed over through the DVC cache or remote); ``files``, the
+    deps nobody writes, dvc.yaml and the params files, which git carries (paths relative to
+    the project root; deps outside it are left out); ``always_changed``: dvc.yaml says
+    ``always_changed``, so DVC keeps no run-cache entry of it and it cannot be handed over."""
+
+    data: list[str]
+    files: list[str]
+    always_changed: bool
+
+
+@dataclass(frozen=True)
+class StageGraph:
+    """The stages of one run: ``order`` (every stage after all of its dependencies),
+    ``upstream`` (each stage's direct dependencies among them) and ``inputs`` per stage."""
+
+    order: list[str]
+    upstream: dict[str, set[str]]
+    inputs: dict[str, StageInputs]
+
+
+def stage_graph(root: Path, targets: list[str] | None = None) -> StageGraph:
+    """The stage graph of the DVC project ``root``, as dvc.yaml declares it.
 
     With ``targets`` (stage names), only those stages and everything upstream of them. Stages
     whose dependencies are all done go in dvc.yaml's order: for this pipeline, the order `dvc
@@ -91,10 +122,36 @@ def stage_order(root: Path, targets: list[str] | None = None) -> list[str]:
         declared = {stage.name: position for position, stage in enumerate(repo.index.stages)}
         # Reversed, an edge runs from a dependency to its dependant: a topological order of it
         # puts dependencies first; the key breaks ties the same way on every run.
-        upstream_first = nx.lexicographical_topological_sort(
-            graph.reverse(copy=False), key=lambda stage: declared[stage.name]
+        upstream_first = list(
+            nx.lexicographical_topological_sort(
+                graph.reverse(copy=False), key=lambda stage: declared[stage.name]
+            )
         )
-        return [stage.name for stage in upstream_first]
+        written = {out.def_path for stage in repo.index.stages for out in stage.outs}
+        return StageGraph(
+            order=[stage.name for stage in upstream_first],
+            upstream={s.name: {d.name for d in graph.successors(s)} for s in upstream_first},
+            inputs={s.name: _inputs(root, s, written) for s in upstream_first},
+        )
+
+
+def _inputs(root: Path, stage: Any, written: set[str]) -> StageInputs:
+    data: set[str] = set()
+    files = {"dvc.yaml"}
+    for dep in stage.deps:  # params files are deps too
+        path = Path(root, dep.def_path).resolve()
+        if not path.is_relative_to(root.resolve()):
+            continue  # a source folder outside the project: the scan stage's business
+        relative = path.relative_to(root.resolve()).as_posix()
+        (data if dep.def_path in written else files).add(relative)
+    return StageInputs(sorted(data), sorted(files), bool(stage.always_changed))
+
+
+def stage_order(root: Path, targets: list[str] | None = None) -> list[str]:
+    """:func:`stage_graph`'s ``order``: the stage names of the DVC project ``root``, every stage
+    after all of its dependencies; with ``targets``, only those and what is upstream of them.
+    Raises ValueError naming any target that is not a stage of dvc.yaml."""
+    return stage_graph(root, targets).order
 
 
 def is_up_to_date(root: Path, stage: str) -> bool:
@@ -108,17 +165,21 @@ def is_up_to_date(root: Path, stage: str) -> bool:
         return not found.status()
 
 
-def _repro(root: Path, stage: str, force: bool, timeout_s: float) -> tuple[int, list[str]]:
-    """Run `dvc repro` for one stage, streaming its output, and stop it with its whole process
-    tree however the wait ends: past ``timeout_s`` seconds, or by any exception (Ctrl-C,
-    SIGTERM, Prefect's TerminationSignal or cancellation), which then propagates with a note
-    naming the stage (see :func:`stopped_stage`).
+def repro(
+    root: Path, stage: str, force: bool, timeout_s: float, pull: bool = False
+) -> tuple[int, list[str]]:
+    """Run `dvc repro` for one stage of the project ``root``, streaming its output, and stop
+    it with its whole process tree however the wait ends: past ``timeout_s`` seconds, or by
+    any exception (Ctrl-C, SIGTERM, Prefect's TerminationSignal or cancellation), which then
+    propagates with a note naming the stage (see :func:`stopped_stage`). ``pull``: `dvc repro
+    --pull`, which fetches the stage's run-cache entry and outputs from the DVC remote.
 
     Returns the exit code and the last output lines. Raises what interrupted the wait, and
     OSError when `dvc repro` cannot be started or its session not recorded.
     """
     logger = get_run_logger()
     args = ["repro", "--single-item", stage] + (["--force"] if force else [])
+    args += ["--pull"] if pull else []
     logger.info("%s: running `%s`", stage, " ".join(["dvc", *args]))
     tail: list[str] = []
     timed_out = threading.Event()
@@ -136,6 +197,8 @@ def _repro(root: Path, stage: str, force: bool, timeout_s: float) -> tuple[int, 
         dvc_command(*args), cwd=root, env=env_with_this_python(), stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True,
     )  # fmt: skip
+    with _running_guard:
+        _running[process] = stage
     try:  # at once: from here on, however this ends, the session is stopped
         record_stage_session(root, stage, process.pid)
         timer.start()
@@ -155,6 +218,8 @@ def _repro(root: Path, stage: str, force: bool, timeout_s: float) -> tuple[int, 
         try:
             _stop(process)  # nothing to do when it ended by itself, with all it started
         finally:
+            with _running_guard:
+                _running.pop(process, None)
             forget_stage_session(root)
             if process.stdout is not None:
                 process.stdout.close()
@@ -163,6 +228,17 @@ def _repro(root: Path, stage: str, force: bool, timeout_s: float) -> tuple[int, 
     if timed_out.is_set():
         tail.append(f"timed out after {timeout_s:g}s: stopped with its whole process tree")
     return code, tail
+
+
+def stop_running_stages() -> list[str]:
+    """Stop every `dvc repro` this process has running (with their stage commands), each as
+    a Ctrl-C would, SIGKILL after the grace; the threads waiting for them then see them end.
+    Returns the stopped stages' names, in no particular order. Raises nothing."""
+    with _running_guard:
+        running = dict(_running)
+    for process in running:
+        _stop(process)
+    return sorted(running.values())
 
 
 def _repair_dvc_files(root: Path, stage: str) -> None:
@@ -204,7 +280,7 @@ def _hangup_raises() -> Iterator[None]:
 
 
 def stopped_stage(error: BaseException) -> str | None:
-    """The stage that :func:`_repro` stopped because of ``error``, or of an exception it was
+    """The stage that :func:`repro` stopped because of ``error``, or of an exception it was
     raised while handling (a signal delivered twice, as Prefect does with SIGTERM); None when
     no stage was running. Raises nothing."""
     seen: set[int] = set()
@@ -250,7 +326,7 @@ def run_stage(root: Path, stage: str, *, force: bool, timeout_s: float) -> Stage
         if not force and _up_to_date_unless_locked(root, stage):
             logger.info("%s: up to date (DVC cache)", stage)
             return StageResult(stage, ran=False, seconds=_seconds_since(started))
-        code, tail = _repro(root, stage, force, timeout_s)
+        code, tail = repro(root, stage, force, timeout_s)
     if code == 0:
         return StageResult(stage, ran=True, seconds=_seconds_since(started))
     last_lines = "\n".join(tail)

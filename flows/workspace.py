@@ -105,9 +105,15 @@ def forget_stage_session(root: Path) -> None:
 
 
 def _stop_orphaned_stage(root: Path) -> None:
-    """Stop the stage session a dead run left running (see the module's docstring), log one
-    line saying so, and remove its note. Called holding the workspace lock."""
-    path = root / ".graft" / STAGE_RECORD
+    """Stop the stage sessions a dead run left running (see the module's docstring), in the
+    workspace and in its stages' work trees (flows/worktrees.py), log one line for each, and
+    remove their notes. Called holding the workspace lock."""
+    in_worktrees = root.glob(f".graft/worktrees/*/.graft/{STAGE_RECORD}")
+    for note in [root / ".graft" / STAGE_RECORD, *in_worktrees]:
+        _stop_orphan_of(note)
+
+
+def _stop_orphan_of(path: Path) -> None:
     try:
         note = json.loads(path.read_text(encoding="utf-8"))
         stage, pid, started = str(note["stage"]), int(note["pid"]), float(note["started"])

@@ -141,7 +141,7 @@ def test_a_stage_is_retried_while_another_dvc_command_holds_the_lock(
     dvc_project: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     attempts: list[str] = []
-    real_repro = stages._repro
+    real_repro = stages.repro
 
     def locked_once(root: Path, stage: str, force: bool, timeout_s: float) -> tuple[int, list[str]]:
         attempts.append(stage)
@@ -149,7 +149,7 @@ def test_a_stage_is_retried_while_another_dvc_command_holds_the_lock(
             return 1, ["ERROR: Unable to acquire lock. Most likely another DVC process is running"]
         return real_repro(root, stage, force, timeout_s)
 
-    monkeypatch.setattr(stages, "_repro", locked_once)
+    monkeypatch.setattr(stages, "repro", locked_once)
     state = pipeline(root=str(dvc_project), stages=["split"], return_state=True)
     returned = state.result()
     assert attempts == [SCAN_STAGE, "ingest", "ingest", "split"]  # a retry runs `dvc repro` again
@@ -172,7 +172,7 @@ def test_other_failures_are_not_retried_and_lock_retries_run_out(
         attempts.append(stage)
         return 1, ["the stage itself exploded"]
 
-    monkeypatch.setattr(stages, "_repro", failing)
+    monkeypatch.setattr(stages, "repro", failing)
     with pytest.raises(StageFailed, match="the stage itself exploded") as failure:
         pipeline(root=str(dvc_project))
     assert not isinstance(failure.value, DvcLocked) and attempts == [SCAN_STAGE]  # the first
@@ -185,7 +185,7 @@ def test_other_failures_are_not_retried_and_lock_retries_run_out(
         attempts.append(stage)
         return 1, ["ERROR: Unable to acquire lock"]
 
-    monkeypatch.setattr(stages, "_repro", always_locked)
+    monkeypatch.setattr(stages, "repro", always_locked)
     with pytest.raises(DvcLocked, match=rf"stage '{SCAN_STAGE}' failed \(exit 1\)"):
         pipeline(root=str(dvc_project))
     assert attempts == [SCAN_STAGE, SCAN_STAGE]  # the first attempt and its one retry

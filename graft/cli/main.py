@@ -21,6 +21,7 @@ from graft.config.settings import (
     MIN_DECODE_MEMORY_MB,
 )
 from graft.errors import GraftError, run_main
+from graft.processes import env_with_this_python
 
 
 def _check(arguments: argparse.Namespace) -> None:
@@ -268,6 +269,29 @@ def _serve(arguments: argparse.Namespace) -> None:
 _Subcommands = argparse._SubParsersAction  # what add_subparsers returns
 
 
+def _worker(arguments: argparse.Namespace) -> None:
+    """Become a Prefect worker of a process work pool in this clone: its placed stages run
+    here (flows/placement.py reads ``GRAFT_WORKSPACE``). Replaces this process."""
+    from prefect.settings import PREFECT_API_URL  # Prefect only when asked for
+
+    if not PREFECT_API_URL.value():
+        raise GraftError(
+            "PREFECT_API_URL is not set: a worker must poll the Prefect server the "
+            "orchestrating runs use (export PREFECT_API_URL=http://<server>:4200/api)"
+        )
+    root = arguments.root.resolve()
+    if not (root / "dvc.yaml").is_file() or not (root / ".git").exists():
+        raise GraftError(f"{root} is not a clone of a graft project (no dvc.yaml or .git)")
+    env = {**env_with_this_python(), "GRAFT_WORKSPACE": str(root)}  # flows/placement.py
+    # Heartbeats let the server tell a dead worker's runs apart (flows/crash_detection.py).
+    env.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30")
+    command = [sys.executable, "-m", "prefect", "worker", "start", "--pool", arguments.pool]
+    command += ["--type", "process"]
+    print(f"graft worker: placed stages of pool {arguments.pool!r} run in {root}", flush=True)
+    os.chdir(root)
+    os.execve(sys.executable, command, env)
+
+
 def _command(
     commands: _Subcommands[argparse.ArgumentParser],
     name: str,
@@ -311,6 +335,22 @@ def _add_flow_commands(commands: _Subcommands[argparse.ArgumentParser]) -> None:
         "way out and restored by the next `graft serve`.",
     )
     serve.add_argument("--root", type=Path, default=Path("."), help="project root")
+
+    worker = _command(
+        commands,
+        "worker",
+        _worker,
+        help="run the stages placed on a work pool (run.placement) in this clone",
+        description="Starts `prefect worker start --pool POOL --type process` against the "
+        "Prefect server at PREFECT_API_URL, its flow runs in the clone at --root: stages "
+        "that params.yaml's run.placement puts on POOL run here, each in its own work tree at "
+        "the orchestrator's commit, with this clone's DVC cache and remote. README: \"Run "
+        'stages on other machines".',
+    )
+    worker.add_argument("pool", help="the work pool's name (created if missing)")
+    worker.add_argument(
+        "--root", type=Path, default=Path("."), help="this machine's clone (default: .)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

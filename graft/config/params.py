@@ -13,8 +13,9 @@ This module is the one entry point to the settings: the sections are defined in
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import AfterValidator, Field, ValidationError, field_validator
 
 from graft.config.paths import (
     EvaluatePaths,
@@ -111,16 +112,35 @@ class Rendezvous(StrictModel):
     collective_timeout_s: float = Field(default=1800, gt=0)
 
 
+def _pool_name(name: str) -> str:
+    # Prefect takes almost any text as a work pool's name, but not an empty one, and a name
+    # with a slash cannot be part of a deployment's "<flow>/<name>" address.
+    if not name.strip():
+        raise ValueError("a work pool's name cannot be empty")
+    if "/" in name or name != name.strip():
+        raise ValueError(f"{name!r} is not a work pool name: no '/', no surrounding spaces")
+    return name
+
+
+PoolName = Annotated[str, AfterValidator(_pool_name)]
+
+
 class Run(StrictModel):
     """``run``: how `graft run` and the flow run stages; not DVC params, as no result depends on
     them. ``timeout_s`` maps stage names to seconds (every value above 0) and must hold a
     ``default`` entry for the stages not named; ``lock_retries`` counts retries while another
     DVC command holds the repository lock; ``distributed`` is the rendezvous of data-parallel
-    training stages."""
+    training stages; ``placement`` maps stage names to the Prefect work pool whose worker runs
+    them (a stage not named runs in the orchestrating workspace; flows/placement.py), and
+    ``max_parallel`` caps the stages this workspace runs at the same time (placed ones do not
+    count; 1: one after another, as `dvc repro` does). Stage names are checked against
+    dvc.yaml by the flow, which knows them."""
 
     timeout_s: dict[str, float]
     lock_retries: int = Field(default=5, ge=0)
     distributed: Rendezvous = Rendezvous()
+    placement: dict[str, PoolName] = Field(default_factory=dict)
+    max_parallel: int = Field(default=2, ge=1)
 
     @field_validator("timeout_s")
     @classmethod

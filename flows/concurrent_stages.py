@@ -1,0 +1,254 @@
+"""Stages side by side: each stage starts as soon as the stages it depends on are done.
+
+A stage whose upstream is done starts at once, wherever it runs:
+
+* on a worker of the work pool ``run.placement`` names for it (flows/placement.py);
+* in the orchestrating workspace itself, when it is the only stage running (as `dvc repro`
+  would run it, and as every stage ran before stages ran side by side);
+* else in a work tree of its own (flows/worktrees.py), at most ``run.max_parallel`` local
+  stages at a time, its result taken over through DVC's run-cache in the shared cache.
+
+The orchestrating workspace's DVC (dvc.lock, the up-to-date checks, the hand-overs) is used
+by one step at a time (:func:`workspace_dvc`), so dvc.lock is never written by two commands
+at once and never records a stage twice. When a stage fails, nothing downstream of it starts;
+the stages already running beside it are awaited (their results are cached by DVC for the
+next run) and the run then fails with the first failure. An interrupted run stops every
+stage it runs, local or placed, before it ends.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from prefect import Task, task
+from prefect.context import TaskRunContext
+from prefect.futures import PrefectFuture, as_completed
+from prefect.logging import get_run_logger
+from prefect.tasks import exponential_backoff
+
+from flows.placement import (
+    await_placed,
+    cancel_placed_runs,
+    dispatch,
+    orchestrator_commit,
+    take_over,
+)
+from flows.stages import (
+    STOPPED_NOTE,
+    StageFailed,
+    StageGraph,
+    StageResult,
+    _up_to_date_unless_locked,
+    repro,
+    retry_if_dvc_locked,
+    stage_task,
+    stop_running_stages,
+)
+from flows.worktrees import dvc, snapshot_commit, stage_worktree, write_lock_file
+from graft.config.params import Run
+
+_workspace_locks: dict[Path, threading.RLock] = {}
+_workspace_locks_guard = threading.Lock()
+
+
+@contextmanager
+def workspace_dvc(project: Path) -> Iterator[None]:
+    """Hold the DVC of the orchestrating workspace ``project`` for one step (an up-to-date
+    check, reading dvc.lock, a push, a hand-over): stage tasks of one run, in threads, take
+    turns. Raises nothing itself."""
+    with _workspace_locks_guard:
+        lock = _workspace_locks.setdefault(project.resolve(), threading.RLock())
+    with lock:
+        yield
+
+
+def read_lock_file(project: Path) -> str:
+    """The text of ``project``'s dvc.lock, or "" when no stage has been recorded yet."""
+    path = project / "dvc.lock"
+    return path.read_text(encoding="utf-8") if path.exists() else ""
+
+
+def run_stage_graph(
+    project: Path, graph: StageGraph, settings: Run, force: bool
+) -> list[StageResult]:
+    """Run the stages of ``graph`` in the project ``project``, each as soon as its upstream
+    is done (see the module's docstring); ``settings`` are params.yaml's ``run`` section,
+    ``force`` runs stages DVC reports up to date too.
+
+    Returns one result per stage that ran or was found up to date, in ``graph.order``.
+    Raises the first stage failure (StageFailed, DvcLocked) once the stages running beside
+    it have ended, and what interrupted the run after stopping every stage it runs."""
+    results: dict[str, StageResult] = {}
+    running: dict[PrefectFuture[StageResult], tuple[str, bool]] = {}  # -> (stage, local)
+    failures: list[BaseException] = []
+    snapshot: list[str] = []  # the work trees' commit, made once, when first needed
+    try:
+        while True:
+            started = {stage for stage, _ in running.values()}
+            ready = [
+                s
+                for s in graph.order
+                if s not in results and s not in started and graph.upstream[s] <= set(results)
+            ]
+            if failures:
+                ready = []  # nothing new starts once a stage has failed
+            local = [s for s in ready if s not in settings.placement]
+            if len(ready) == 1 and local and not running:  # alone: in the workspace itself
+                stage = ready[0]
+                run_one = stage_task(stage, settings.lock_retries)
+                timeout_s = settings.timeout_for(stage)
+                results[stage] = run_one(project, stage, force=force, timeout_s=timeout_s)
+                continue
+            slots = settings.max_parallel - sum(is_local for _, is_local in running.values())
+            for stage in ready:
+                if stage in settings.placement:
+                    running[_submit_placed(project, graph, settings, stage, force)] = (
+                        stage,
+                        False,
+                    )
+                elif slots > 0:
+                    if not snapshot:
+                        snapshot.append(snapshot_commit(project))
+                    future = _submit_local(project, graph, settings, stage, force, snapshot[0])
+                    running[future] = (stage, True)
+                    slots -= 1
+            if not running:
+                break
+            done = next(as_completed(list(running)))
+            stage, _ = running.pop(done)
+            try:
+                results[stage] = done.result()
+            except Exception as error:
+                failures.append(error)
+    except BaseException as error:  # interrupted: stop what runs, in threads or on workers
+        stopped = stop_running_stages()
+        cancelled = cancel_placed_runs()
+        for future in running:
+            future.wait(timeout=30)
+        if stopped or running:
+            names = sorted(set(stopped) | {stage for stage, _ in running.values()})
+            error.add_note(STOPPED_NOTE.format(stage=", ".join(names)))
+        if cancelled:
+            get_run_logger().warning("cancelled the placed runs %s", cancelled)
+        raise
+    if failures:
+        raise failures[0]
+    return [results[s] for s in graph.order if s in results]
+
+
+def _retried(stage_task_: Task[..., StageResult], name: str, lock_retries: int) -> Any:
+    return stage_task_.with_options(
+        name=name,
+        retries=lock_retries,
+        retry_delay_seconds=exponential_backoff(backoff_factor=1),
+        retry_condition_fn=retry_if_dvc_locked,
+    )
+
+
+def _submit_placed(
+    project: Path, graph: StageGraph, settings: Run, stage: str, force: bool
+) -> PrefectFuture[StageResult]:
+    pool = settings.placement[stage]
+    placed = _retried(run_placed_unless_current, f"{stage}@{pool}", settings.lock_retries)
+    return placed.submit(
+        project,
+        stage,
+        pool,
+        graph.inputs[stage].data,
+        force=force,
+        timeout_s=settings.timeout_for(stage),
+        lock_retries=settings.lock_retries,
+    )
+
+
+def _submit_local(
+    project: Path, graph: StageGraph, settings: Run, stage: str, force: bool, commit: str
+) -> PrefectFuture[StageResult]:
+    beside = _retried(run_in_worktree, f"{stage} (worktree)", settings.lock_retries)
+    return beside.submit(
+        project,
+        stage,
+        graph.inputs[stage].data,
+        commit=commit,
+        force=force,
+        timeout_s=settings.timeout_for(stage),
+    )
+
+
+def _started() -> datetime:
+    context = TaskRunContext.get()
+    return (context.task_run.start_time if context else None) or datetime.now(UTC)
+
+
+def _seconds_since(started: datetime) -> float:
+    return (datetime.now(UTC) - started).total_seconds()
+
+
+@task(name="placed")
+def run_placed_unless_current(
+    project: Path,
+    stage: str,
+    pool: str,
+    data: list[str],
+    *,
+    force: bool,
+    timeout_s: float,
+    lock_retries: int,
+) -> StageResult:
+    """``stage`` on a worker of ``pool`` (flows/placement.py), unless DVC reports it up to
+    date in ``project`` (and not ``force``). Returns what was done. Raises DvcLocked while
+    another DVC command holds the workspace, StageFailed when the placed run fails."""
+    started = _started()
+    with workspace_dvc(project):
+        if not force and _up_to_date_unless_locked(project, stage):
+            get_run_logger().info("%s: up to date (DVC cache)", stage)
+            return StageResult(stage, ran=False, seconds=_seconds_since(started))
+        parameters = {
+            "stage": stage, "commit": orchestrator_commit(project),
+            "dvc_lock": read_lock_file(project), "force": force, "timeout_s": timeout_s,
+            "lock_retries": lock_retries,
+        }  # fmt: skip
+        flow_run_id = dispatch(project, stage, pool, data, parameters)
+    await_placed(flow_run_id, stage, pool, timeout_s - _seconds_since(started))
+    with workspace_dvc(project):
+        take_over(project, stage, pool, timeout_s)
+    return StageResult(stage, ran=True, seconds=_seconds_since(started), where=f"pool {pool}")
+
+
+@task(name="worktree")
+def run_in_worktree(
+    project: Path, stage: str, data: list[str], *, commit: str, force: bool, timeout_s: float
+) -> StageResult:
+    """``stage`` in its work tree of ``project`` at ``commit`` (flows/worktrees.py), beside
+    other stages, unless DVC reports it up to date (and not ``force``); its result is then
+    taken over into ``project`` through the run-cache. ``data``: its data dependencies,
+    checked out of the shared cache. Returns what was done. Raises DvcLocked while another
+    DVC command holds the workspace, StageFailed when the stage or the take-over fails."""
+    logger = get_run_logger()
+    started = _started()
+    with workspace_dvc(project):
+        if not force and _up_to_date_unless_locked(project, stage):
+            logger.info("%s: up to date (DVC cache)", stage)
+            return StageResult(stage, ran=False, seconds=_seconds_since(started))
+        dvc_lock = read_lock_file(project)
+    worktree = stage_worktree(project, stage, commit)
+    logger.info("%s: running beside other stages in %s", stage, worktree)
+    write_lock_file(worktree, dvc_lock)
+    if data:
+        dvc(worktree, "checkout", *data)
+    code, tail = repro(worktree, stage, force, timeout_s)
+    if code != 0:
+        raise StageFailed(f"stage {stage!r} failed (exit {code}):\n" + "\n".join(tail))
+    with workspace_dvc(project):
+        code, tail = repro(project, stage, force=False, timeout_s=timeout_s)
+    if code != 0:
+        raise StageFailed(
+            f"stage {stage!r} ran in {worktree}, but its result could not be taken over "
+            f"(exit {code}):\n" + "\n".join(tail)
+        )
+    return StageResult(stage, ran=True, seconds=_seconds_since(started), where="worktree")

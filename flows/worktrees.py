@@ -1,0 +1,138 @@
+"""Stage work trees: a git work tree per stage, so that stages can run at the same time.
+
+DVC holds one lock per repository for the whole of `dvc repro`, so two stages of one
+workspace can never run at once. A stage that runs beside another therefore runs in a work
+tree of its own, ``.graft/worktrees/<stage>`` (``git worktree``: the same repository, another
+checkout), which shares the clone's DVC cache. It gets the orchestrator's ``dvc.lock``, checks
+its data dependencies out of the cache (or pulls them from the DVC remote), and runs the stage
+with a plain `dvc repro`, which saves the outputs and a run-cache entry into the shared cache.
+The orchestrating workspace then runs `dvc repro` of the same stage, which finds the run-cache
+entry and checks the outputs out instead of running the stage again: the hand-over is DVC's.
+
+Work trees stay between runs (``.graft/`` is ignored by git and DVC): an interrupted stage
+resumes from its work tree's last epoch, and the next run only moves it to another commit.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+from graft.atomic import write_text
+from graft.config.params import load_params
+from graft.processes import run_dvc
+
+WORKTREES = Path(".graft", "worktrees")
+
+
+class WorktreeError(RuntimeError):
+    """git or DVC could not prepare a stage's work tree; the message says which command."""
+
+
+def git(root: Path, *args: str) -> str:
+    """``git <args>`` in ``root``; returns its stdout, stripped. Raises WorktreeError with
+    git's own message when it fails."""
+    done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+    if done.returncode != 0:
+        message = (done.stderr or done.stdout).strip()
+        raise WorktreeError(f"`git {' '.join(args)}` in {root} failed: {message}")
+    return done.stdout.strip()
+
+
+def dvc(root: Path, *args: str) -> str:
+    """``dvc <args>`` in ``root`` with this environment's DVC; returns its output. Raises
+    WorktreeError with DVC's message when it fails."""
+    done = run_dvc(root, *args)
+    if done.returncode != 0:
+        message = (done.stderr or done.stdout).strip()
+        raise WorktreeError(f"`dvc {' '.join(args)}` in {root} failed: {message}")
+    return done.stdout
+
+
+def head_commit(root: Path) -> str:
+    """The full sha of ``root``'s HEAD. Raises WorktreeError outside a git repository or
+    before its first commit."""
+    return git(root, "rev-parse", "--verify", "HEAD^{commit}")
+
+
+def snapshot_commit(root: Path) -> str:
+    """A commit holding the working tree of ``root`` as it is now: HEAD when no tracked file
+    differs from it, else a commit that `git stash create` makes of the changes (on no branch;
+    the working tree, the index and the stash list are left as they are). Untracked files are
+    not in it: see :func:`uncommitted`. Raises WorktreeError when git fails."""
+    return git(root, "stash", "create") or head_commit(root)
+
+
+def uncommitted(root: Path, paths: list[str]) -> list[str]:
+    """Those of ``paths`` (relative to ``root``) whose content is not HEAD's: modified, staged,
+    deleted or untracked (ignored files are not looked at), sorted. Raises WorktreeError when
+    git fails."""
+    if not paths:
+        return []
+    status = git(root, "status", "--porcelain=v1", "-z", "--untracked-files=all", "--", *paths)
+    changed = set()
+    for entry in status.split("\0"):
+        if len(entry) > 3:  # "XY path"; a rename's second entry (its old path) has no "XY "
+            changed.add(entry[3:])
+    return sorted(changed)
+
+
+def stage_worktree(clone: Path, stage: str, commit: str) -> Path:
+    """The work tree of ``stage`` in the git clone ``clone``, checked out at ``commit``
+    (detached) and sharing the clone's DVC cache, its local DVC config (a remote's
+    credentials) and its decoded-image cache (``paths.decoded``, safe for concurrent use).
+
+    Creates it the first time and moves it to ``commit`` after; outputs and resume state left
+    by an earlier run stay. Returns its path, ``clone/.graft/worktrees/<stage>``. Raises
+    WorktreeError when git or DVC fails (``commit`` not in the clone, for one).
+    """
+    path = clone / WORKTREES / stage
+    if (path / ".git").is_file():
+        git(path, "checkout", "--quiet", "--detach", "--force", commit)
+    else:
+        git(clone, "worktree", "prune")  # a work tree folder deleted by hand is forgotten
+        if path.exists():
+            shutil.rmtree(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        git(clone, "worktree", "add", "--quiet", "--detach", "--force", str(path), commit)
+    local_config = clone / ".dvc" / "config.local"
+    if local_config.is_file():
+        shutil.copyfile(local_config, path / ".dvc" / "config.local")
+    else:
+        (path / ".dvc" / "config.local").unlink(missing_ok=True)
+    dvc(path, "config", "--local", "cache.dir", str(cache_dir(clone)))
+    _share_decoded_cache(clone, path)
+    return path
+
+
+def cache_dir(clone: Path) -> Path:
+    """The DVC cache folder of ``clone``, as its merged DVC config says (default
+    ``.dvc/cache``), absolute. Raises WorktreeError when DVC cannot tell."""
+    return Path(dvc(clone, "cache", "dir").strip()).resolve()
+
+
+def _share_decoded_cache(clone: Path, worktree: Path) -> None:
+    # Decoding every image again in each work tree would cost what the cache exists to save;
+    # its builders lock and its readers need none (graft/data/decoded_cache.py).
+    decoded = load_params(worktree / "params.yaml").paths.decoded
+    shared = (clone / decoded).resolve()
+    link = worktree / decoded
+    if link.is_symlink() and link.resolve() == shared:
+        return
+    shared.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or link.is_file():
+        link.unlink()
+    elif link.is_dir():
+        shutil.rmtree(link)
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(shared, target_is_directory=True)
+
+
+def write_lock_file(worktree: Path, text: str) -> None:
+    """Replace ``worktree``'s dvc.lock with ``text`` (the orchestrator's), atomically; an
+    empty ``text`` (no stage recorded yet) removes it. Raises OSError."""
+    if text:
+        write_text(worktree / "dvc.lock", text)
+    else:
+        (worktree / "dvc.lock").unlink(missing_ok=True)
