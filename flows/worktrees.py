@@ -30,14 +30,14 @@ class WorktreeError(RuntimeError):
     """git or DVC could not prepare a stage's work tree; the message says which command."""
 
 
-def git(root: Path, *args: str) -> str:
-    """``git <args>`` in ``root``; returns its stdout, stripped. Raises WorktreeError with
-    git's own message when it fails."""
+def git(root: Path, *args: str, strip: bool = True) -> str:
+    """``git <args>`` in ``root``; returns its stdout (``strip``: without surrounding
+    whitespace). Raises WorktreeError with git's own message when it fails."""
     done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
     if done.returncode != 0:
         message = (done.stderr or done.stdout).strip()
         raise WorktreeError(f"`git {' '.join(args)}` in {root} failed: {message}")
-    return done.stdout.strip()
+    return done.stdout.strip() if strip else done.stdout
 
 
 def dvc(root: Path, *args: str) -> str:
@@ -70,7 +70,9 @@ def uncommitted(root: Path, paths: list[str]) -> list[str]:
     git fails."""
     if not paths:
         return []
-    status = git(root, "status", "--porcelain=v1", "-z", "--untracked-files=all", "--", *paths)
+    status = git(
+        root, "status", "--porcelain=v1", "-z", "--untracked-files=all", "--", *paths, strip=False
+    )
     changed = set()
     for entry in status.split("\0"):
         if len(entry) > 3:  # "XY path"; a rename's second entry (its old path) has no "XY "
