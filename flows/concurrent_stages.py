@@ -45,12 +45,20 @@ from flows.stages import (
     StageGraph,
     StageResult,
     _up_to_date_unless_locked,
+    is_up_to_date,
     repro,
     retry_if_dvc_locked,
     stage_task,
     stop_running_stages,
 )
-from flows.worktrees import dvc, snapshot_commit, stage_worktree, write_lock_file
+from flows.worktrees import (
+    WorktreeError,
+    dvc,
+    snapshot_commit,
+    stage_worktree,
+    untracked_files,
+    write_lock_file,
+)
 from graft.config.params import Run
 
 _workspace_locks: dict[Path, threading.RLock] = {}
@@ -87,7 +95,7 @@ def run_stage_graph(
     results: dict[str, StageResult] = {}
     running: dict[PrefectFuture[StageResult], tuple[str, bool]] = {}  # -> (stage, local)
     failures: list[BaseException] = []
-    snapshot: list[str] = []  # the work trees' commit, made once, when first needed
+    beside = _Beside(project, graph)
     try:
         while True:
             started = {stage for stage, _ in running.values()}
@@ -98,24 +106,33 @@ def run_stage_graph(
             ]
             if failures:
                 ready = []  # nothing new starts once a stage has failed
+            placed = [s for s in ready if s in settings.placement]
             local = [s for s in ready if s not in settings.placement]
-            if len(ready) == 1 and local and not running:  # alone: in the workspace itself
-                stage = ready[0]
+            alone = not running and not placed and bool(local)
+            first_current = False
+            if alone and len(local) > 1 and not force:
+                # A stage DVC reports up to date completes at once: it need not make the
+                # others run beside it, in work trees. Those go first, one at a time.
+                current = {stage: _current(project, stage) for stage in local}
+                local.sort(key=lambda stage: not current[stage])
+                first_current = current[local[0]]
+            if alone and (
+                len(local) == 1
+                or settings.max_parallel == 1
+                or first_current
+                or not beside.can_run(local[0])
+            ):  # in the workspace itself, as `dvc repro` would run it
+                stage = local[0]
                 run_one = stage_task(stage, settings.lock_retries)
                 timeout_s = settings.timeout_for(stage)
                 results[stage] = run_one(project, stage, force=force, timeout_s=timeout_s)
                 continue
+            for stage in placed:
+                running[_submit_placed(project, graph, settings, stage, force)] = (stage, False)
             slots = settings.max_parallel - sum(is_local for _, is_local in running.values())
-            for stage in ready:
-                if stage in settings.placement:
-                    running[_submit_placed(project, graph, settings, stage, force)] = (
-                        stage,
-                        False,
-                    )
-                elif slots > 0:
-                    if not snapshot:
-                        snapshot.append(snapshot_commit(project))
-                    future = _submit_local(project, graph, settings, stage, force, snapshot[0])
+            for stage in local:  # the others wait for a slot, or for the workspace
+                if slots > 0 and beside.can_run(stage):
+                    future = _submit_local(project, graph, settings, stage, force, beside.commit)
                     running[future] = (stage, True)
                     slots -= 1
             if not running:
@@ -140,6 +157,54 @@ def run_stage_graph(
     if failures:
         raise failures[0]
     return [results[s] for s in graph.order if s in results]
+
+
+def _current(project: Path, stage: str) -> bool:
+    """DVC's verdict on ``stage``, asked before choosing where it runs; a busy DVC counts as
+    stale (the stage's task then waits for DVC's lock, with its retries)."""
+    from dvc.lock import LockError
+
+    try:
+        return is_up_to_date(project, stage)
+    except LockError:
+        return False
+
+
+class _Beside:
+    """Whether a stage can run beside others, in a work tree: the working tree's snapshot
+    commit can be made (a git repository with a first commit) and none of the stage's files
+    is untracked (a snapshot holds tracked files only). Asked once per stage, lazily."""
+
+    def __init__(self, project: Path, graph: StageGraph) -> None:
+        self.project, self.graph = project, graph
+        self.commit = ""
+        self._snapshot_error: str | None = None
+        self._answers: dict[str, bool] = {}
+
+    def can_run(self, stage: str) -> bool:
+        if stage not in self._answers:
+            self._answers[stage] = self._ask(stage)
+        return self._answers[stage]
+
+    def _ask(self, stage: str) -> bool:
+        logger = get_run_logger()
+        if not self.commit and self._snapshot_error is None:
+            try:
+                self.commit = snapshot_commit(self.project)
+            except WorktreeError as error:
+                self._snapshot_error = str(error)
+                logger.warning("stages run one at a time: no git snapshot (%s)", error)
+        if self._snapshot_error is not None:
+            return False
+        untracked = untracked_files(self.project, self.graph.inputs[stage].files)
+        if untracked:
+            logger.warning(
+                "%s: runs in the workspace, not beside other stages: files it depends on are "
+                "not tracked by git: %s",
+                stage,
+                ", ".join(untracked),
+            )
+        return not untracked
 
 
 def _retried(stage_task_: Task[..., StageResult], name: str, lock_retries: int) -> Any:

@@ -39,6 +39,7 @@ from prefect.settings import PREFECT_API_URL
 from prefect.states import Cancelling
 from prefect.utilities.callables import parameter_schema
 
+from flows.crash_detection import ensure_crash_automation
 from flows.stages import StageFailed, StageGraph, repro, stage_graph, stage_task
 from flows.workspace import workspace_lock
 from flows.worktrees import (
@@ -155,7 +156,9 @@ def check_placement(
     dvc.yaml, an ``always_changed`` stage (no run-cache entry to hand back), no default DVC
     remote, uncommitted changes to the files a placed stage depends on, a work pool missing
     from the Prefect server or with no worker online. Only stages of this run (``graph``)
-    are checked beyond their names. Raises PlacementError naming the key; returns None."""
+    are checked beyond their names. With stages to place, also keeps the server's crash
+    automation in place (flows/crash_detection.py). Raises PlacementError naming the key,
+    and what the Prefect client raises; returns None."""
     from graft.registry.publish import default_remote
 
     unknown = sorted(set(placement) - set(every_stage))
@@ -185,6 +188,9 @@ def check_placement(
             )
     for stage in placed:
         _check_pool(stage, placement[stage])
+    # A worker that dies mid-stage stops sending heartbeats: this automation marks its run
+    # Crashed, which ends the wait for it (else the wait lasts run.timeout_s).
+    ensure_crash_automation()
 
 
 def _check_pool(stage: str, pool: str) -> None:

@@ -47,6 +47,7 @@ _STOPPED_PATTERN = re.compile(re.escape(STOPPED_NOTE).replace(re.escape("{stage}
 # Every `dvc repro` this process has running, whichever thread waits for it: a run whose
 # stages run side by side stops them all when it is interrupted (stop_running_stages).
 _running: dict[subprocess.Popen[str], str] = {}
+_stopping: set[subprocess.Popen[str]] = set()  # being stopped by stop_running_stages
 _running_guard = threading.Lock()
 
 
@@ -204,6 +205,8 @@ def repro(
         timer.start()
         assert process.stdout is not None
         for line in process.stdout:
+            if process in _stopping:  # its last words (a KeyboardInterrupt's traceback)
+                continue
             logger.info("%s | %s", stage, line.rstrip())
             tail = [*tail[-(TAIL_LINES - 1) :], line.rstrip()]
         code = process.wait()
@@ -227,6 +230,10 @@ def repro(
                 _repair_dvc_files(root, stage)
     if timed_out.is_set():
         tail.append(f"timed out after {timeout_s:g}s: stopped with its whole process tree")
+    with _running_guard:
+        if process in _stopping:
+            _stopping.discard(process)
+            tail.append("the run was interrupted: stopped with its whole process tree")
     return code, tail
 
 
@@ -236,8 +243,12 @@ def stop_running_stages() -> list[str]:
     Returns the stopped stages' names, in no particular order. Raises nothing."""
     with _running_guard:
         running = dict(_running)
-    for process in running:
-        _stop(process)
+        _stopping.update(running)
+    stoppers = [threading.Thread(target=_stop, args=(process,)) for process in running]
+    for stopper in stoppers:  # all at once: each may take the whole grace
+        stopper.start()
+    for stopper in stoppers:
+        stopper.join()
     return sorted(running.values())
 
 

@@ -60,30 +60,54 @@ def snapshot_commit(root: Path) -> str:
     """A commit holding the working tree of ``root`` as it is now: HEAD when no tracked file
     differs from it, else a commit that `git stash create` makes of the changes (on no branch;
     the working tree, the index and the stash list are left as they are). Untracked files are
-    not in it: see :func:`uncommitted`. Raises WorktreeError when git fails."""
-    return git(root, "stash", "create") or head_commit(root)
+    not in it: see :func:`untracked_files`. Raises WorktreeError when git fails."""
+    # A file rewritten with the same bytes (DVC rewrites dvc.lock) looks changed until the
+    # index's stat data is refreshed; git before 2.40 then exits 1, silently, from `stash
+    # create` when it finds nothing to save. Refresh first; its own exit code only says
+    # that some files really changed.
+    subprocess.run(["git", "update-index", "-q", "--refresh"], cwd=root, capture_output=True)
+    done = subprocess.run(["git", "stash", "create"], cwd=root, capture_output=True, text=True)
+    if done.returncode == 0 and done.stdout.strip():
+        return done.stdout.strip()
+    if done.returncode in (0, 1) and not done.stderr.strip():  # nothing to save
+        return head_commit(root)
+    raise WorktreeError(f"`git stash create` in {root} failed: {done.stderr.strip()}")
 
 
 def uncommitted(root: Path, paths: list[str]) -> list[str]:
     """Those of ``paths`` (relative to ``root``) whose content is not HEAD's: modified, staged,
     deleted or untracked (ignored files are not looked at), sorted. Raises WorktreeError when
     git fails."""
+    return sorted(path for path, _ in _status(root, paths))
+
+
+def untracked_files(root: Path, paths: list[str]) -> list[str]:
+    """Those of ``paths`` (relative to ``root``) that git does not track and does not ignore,
+    sorted. Raises WorktreeError when git fails."""
+    return sorted(path for path, code in _status(root, paths) if code == "??")
+
+
+def _status(root: Path, paths: list[str]) -> list[tuple[str, str]]:
+    """(path, two-letter status) of each of ``paths`` that differs from HEAD."""
     if not paths:
         return []
     status = git(
         root, "status", "--porcelain=v1", "-z", "--untracked-files=all", "--", *paths, strip=False
     )
-    changed = set()
-    for entry in status.split("\0"):
-        if len(entry) > 3:  # "XY path"; a rename's second entry (its old path) has no "XY "
-            changed.add(entry[3:])
-    return sorted(changed)
+    entries = iter(status.split("\0"))
+    found = []
+    for entry in entries:  # "XY path"; a rename or copy is followed by its old path alone
+        if len(entry) > 3:
+            found.append((entry[3:], entry[:2]))
+            if entry[0] in "RC":
+                next(entries, None)
+    return found
 
 
 def stage_worktree(clone: Path, stage: str, commit: str) -> Path:
     """The work tree of ``stage`` in the git clone ``clone``, checked out at ``commit``
     (detached) and sharing the clone's DVC cache, its local DVC config (a remote's
-    credentials) and its decoded-image cache (``paths.decoded``, safe for concurrent use).
+    credentials) and its machine-local state (:func:`_share_machine_state`).
 
     Creates it the first time and moves it to ``commit`` after; outputs and resume state left
     by an earlier run stay. Returns its path, ``clone/.graft/worktrees/<stage>``. Raises
@@ -104,7 +128,7 @@ def stage_worktree(clone: Path, stage: str, commit: str) -> Path:
     else:
         (path / ".dvc" / "config.local").unlink(missing_ok=True)
     dvc(path, "config", "--local", "cache.dir", str(cache_dir(clone)))
-    _share_decoded_cache(clone, path)
+    _share_machine_state(clone, path)
     return path
 
 
@@ -114,21 +138,29 @@ def cache_dir(clone: Path) -> Path:
     return Path(dvc(clone, "cache", "dir").strip()).resolve()
 
 
-def _share_decoded_cache(clone: Path, worktree: Path) -> None:
-    # Decoding every image again in each work tree would cost what the cache exists to save;
-    # its builders lock and its readers need none (graft/data/decoded_cache.py).
-    decoded = load_params(worktree / "params.yaml").paths.decoded
-    shared = (clone / decoded).resolve()
-    link = worktree / decoded
-    if link.is_symlink() and link.resolve() == shared:
-        return
-    shared.mkdir(parents=True, exist_ok=True)
-    if link.is_symlink() or link.is_file():
-        link.unlink()
-    elif link.is_dir():
-        shutil.rmtree(link)
-    link.parent.mkdir(parents=True, exist_ok=True)
-    link.symlink_to(shared, target_is_directory=True)
+def _share_machine_state(clone: Path, worktree: Path) -> None:
+    """Link the work tree's machine-local folders to the clone's: the decoded-image cache
+    (``paths.decoded``) and ingest's verdict cache, which their builders lock and decoding
+    everything again would cost what they exist to save, and the training stages' resume
+    folders, so that an interrupted stage resumes wherever it runs next. One run of a stage
+    at a time per clone (the workspace lock) keeps a resume folder to one writer."""
+    paths = load_params(worktree / "params.yaml").paths
+    shared = [paths.decoded, paths.ingest.cache]
+    shared += [p.resume for p in (paths.pretrain, paths.finetune, paths.baseline) if p.resume]
+    for relative in shared:
+        if relative.is_absolute():
+            continue  # one folder for every checkout already
+        target = (clone / relative).resolve()
+        link = worktree / relative
+        if link.is_symlink() and link.resolve() == target:
+            continue
+        target.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink() or link.is_file():
+            link.unlink()
+        elif link.is_dir():
+            shutil.rmtree(link)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(target, target_is_directory=True)
 
 
 def write_lock_file(worktree: Path, text: str) -> None:

@@ -205,11 +205,13 @@ def _wait_for_resume_state(repo: Path, stage: str) -> None:
 
 
 def _processes_in(repo: Path) -> list[psutil.Process]:
-    """Every live process working in ``repo``: a flow run, `dvc`, a stage."""
+    """Every live process working in ``repo`` or below it (a stage's work tree): a flow run,
+    `dvc`, a stage."""
     found = []
     for process in psutil.process_iter():
         try:
-            if Path(process.cwd()) == repo and process.status() != psutil.STATUS_ZOMBIE:
+            inside = Path(process.cwd()).is_relative_to(repo)
+            if inside and process.status() != psutil.STATUS_ZOMBIE:
                 found.append(process)
         except psutil.Error:  # gone, or not ours
             continue

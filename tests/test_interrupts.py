@@ -64,13 +64,16 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The project with ingest and split done and a pretrain that would run for hours."""
+    """The project with ingest and split done, and a pretrain and a baseline that would run
+    for hours."""
     base = tmp_path_factory.mktemp("interrupts")
     repo = make_dvc_project(
         base / "repo", copy_demo_subset(base / "sources", per_class=12), with_flows=True
     )
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["pretrain"].update(epochs=100_000, patience=100_000)
+    params["finetune"]["head"]["epochs"] = 100_000  # baseline too, beside pretrain
+    params["finetune"]["patience"] = 100_000
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["dvc", "repro", "split"], repo)
     return repo
@@ -242,6 +245,29 @@ def test_a_flow_process_stops_its_stage_too(repo: Path, server: Server, signum: 
     assert "pretrain: stopping `dvc repro` and its stage command" in graft.output
     assert not (repo / ".graft" / STAGE_RECORD).exists()
     assert _state_of(server, graft.flow_run_name()) in {StateType.CRASHED, StateType.CANCELLED}
+
+
+def test_ctrl_c_stops_every_stage_running_side_by_side(repo: Path, server: Server) -> None:
+    graft = GraftRun(repo, server.env, "pretrain", "baseline")  # both wait for split only
+    graft.wait_for_stage_command("pretrain")
+    graft.wait_for_stage_command("baseline")
+    poll_until(  # both past their imports (a Ctrl-C then is a traceback, as by hand)
+        lambda: graft.output,
+        lambda out: "pretrain | pretrain resnet18" in out and "baseline | finetune resnet18" in out,
+        "both stages to start training",
+        START_WITHIN_S,
+        interval_s=0.2,
+    )
+    tree = graft.tree()
+    os.killpg(graft.process.pid, signal.SIGINT)
+    seconds = graft.wait(timeout_s=60)
+    assert seconds < EXIT_WITHIN_S, graft.output
+    assert graft.process.returncode == 128 + signal.SIGINT, graft.output
+    assert _running(tree) == []  # both work trees' dvc repro and stage commands
+    stopped = "stage baseline, pretrain was stopped with its whole process tree"
+    assert f"interrupted by SIGINT: {stopped}" in graft.output
+    assert list(repo.glob(f".graft/worktrees/*/.graft/{STAGE_RECORD}")) == []
+    assert "Traceback" not in graft.output
 
 
 def test_a_temporary_server_outlives_ctrl_c_until_the_run_is_reported(

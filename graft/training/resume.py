@@ -41,6 +41,12 @@ def resume_folder(root: Path, settings: ResumeKey, inputs: list[Path]) -> Path:
 def clear(root: Path) -> None:
     """Forget every saved state of the stage (the folder ``root`` and all in it): it finished.
 
-    A missing folder is fine; errors while deleting are ignored.
+    A ``root`` that is a link to a folder (a stage's work tree shares its clone's resume
+    folder, flows/worktrees.py) is emptied and left in place. A missing folder is fine; errors
+    while deleting are ignored.
     """
+    if root.is_symlink():
+        for saved in root.iterdir() if root.is_dir() else []:
+            shutil.rmtree(saved, ignore_errors=True)
+        return
     shutil.rmtree(root, ignore_errors=True)
