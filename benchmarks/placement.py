@@ -3,8 +3,8 @@
 Against a real local Prefect server and a real SeaweedFS S3 server, both on 127.0.0.1, three
 cold flow runs of the whole demo pipeline, each in a fresh copy of the project:
 
-- serial: ``run.max_parallel: 1``, every stage in the workspace, one after another;
-- parallel: the default, ``pretrain`` and ``baseline`` side by side in work trees;
+- serial: ``run.max_parallel: 1`` (the default), every stage in the workspace, one by one;
+- parallel: ``run.max_parallel: 2``, ``pretrain`` and ``baseline`` side by side in work trees;
 - placed: ``pretrain`` placed on a second process work pool, "gpu", whose worker (`graft
   worker gpu`) runs in a clone of its own; data handed over through the S3 DVC remote.
 
@@ -126,7 +126,7 @@ def main() -> None:
         base = Path(scratch)
         home = base / "prefect-home"
         home.mkdir()
-        env = {"PREFECT_WORKER_QUERY_SECONDS": "2"}
+        env = env_with_this_python() | {"PREFECT_WORKER_QUERY_SECONDS": "2"}
         with seaweedfs(base / "seaweedfs") as store, local_prefect_server(home, env) as (url, _):
             os.environ["PREFECT_API_URL"] = url
             serial_repo = project_copy(base / "serial")
@@ -135,6 +135,7 @@ def main() -> None:
             print(f"serial    {serial_s:7.1f} s", flush=True)
 
             parallel_repo = project_copy(base / "parallel")
+            set_run(parallel_repo, max_parallel=2)
             parallel_s, _ = timed_flow(parallel_repo)
             print(f"parallel  {parallel_s:7.1f} s", flush=True)
 
@@ -146,7 +147,7 @@ def main() -> None:
             clone = base / "gpu-clone"
             git(base, "clone", "-q", str(placed_repo), str(clone))
             store.add_credentials(clone)
-            worker_env = env_with_this_python() | {"PREFECT_API_URL": url} | env
+            worker_env = env | {"PREFECT_API_URL": url}
             worker = start_in_own_session(
                 ["graft", "worker", POOL, "--root", str(clone)], worker_env,
                 base / "worker.log", base,

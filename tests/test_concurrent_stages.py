@@ -43,9 +43,17 @@ def task_spans(flow_run_id: object) -> dict[str, tuple[float, float]]:
     }
 
 
+def side_by_side(project: Path, max_parallel: int = 2) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["run"]["max_parallel"] = max_parallel
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "commit", "-qam", f"max_parallel {max_parallel}"], project)
+
+
 def test_independent_stages_overlap_and_dvc_lock_is_a_plain_repro(
     dvc_project: Path, tmp_path: Path
 ) -> None:
+    side_by_side(dvc_project)
     state = pipeline(root=str(dvc_project), return_state=True)
     results = state.result()
     placed = where(results)
@@ -71,10 +79,7 @@ def test_independent_stages_overlap_and_dvc_lock_is_a_plain_repro(
     )  # the work trees changed nothing git tracks
 
 
-def test_max_parallel_1_runs_every_stage_in_the_workspace(dvc_project: Path) -> None:
-    params = yaml.safe_load((dvc_project / "params.yaml").read_text())
-    params["run"]["max_parallel"] = 1
-    (dvc_project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+def test_by_default_every_stage_runs_in_the_workspace_one_at_a_time(dvc_project: Path) -> None:
     results = pipeline(root=str(dvc_project), stages=list(SIDE_BY_SIDE))
     assert set(where(results)) >= set(SIDE_BY_SIDE)
     assert set(where(results).values()) == {"workspace"}
@@ -84,6 +89,7 @@ def test_max_parallel_1_runs_every_stage_in_the_workspace(dvc_project: Path) -> 
 def test_a_failing_stage_waits_for_its_sibling_and_nothing_downstream_runs(
     dvc_project: Path,
 ) -> None:
+    side_by_side(dvc_project)
     code = dvc_project / "tasks" / "baseline.py"  # an uncommitted edit: work trees run it too
     code.write_text(code.read_text() + "\nraise SystemExit('baseline exploded')\n")
     with pytest.raises(StageFailed, match=r"(?s)stage 'baseline' failed.*baseline exploded"):

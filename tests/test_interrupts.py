@@ -74,6 +74,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     params["pretrain"].update(epochs=100_000, patience=100_000)
     params["finetune"]["head"]["epochs"] = 100_000  # baseline too, beside pretrain
     params["finetune"]["patience"] = 100_000
+    params["run"]["max_parallel"] = 2
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["dvc", "repro", "split"], repo)
     return repo

@@ -42,7 +42,7 @@ def test_a_bad_pool_name_is_named(raw: dict[str, Any], placement: Any, message: 
 
 
 def test_max_parallel_is_at_least_one(raw: dict[str, Any]) -> None:
-    assert parse_params(raw).run.max_parallel == 2
+    assert parse_params(raw).run.max_parallel == 1
     raw["run"]["max_parallel"] = 0
     with pytest.raises(ParamsError, match=r"run\.max_parallel: Input should be greater than"):
         parse_params(raw)

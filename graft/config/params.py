@@ -140,7 +140,7 @@ class Run(StrictModel):
     lock_retries: int = Field(default=5, ge=0)
     distributed: Rendezvous = Rendezvous()
     placement: dict[str, PoolName] = Field(default_factory=dict)
-    max_parallel: int = Field(default=2, ge=1)
+    max_parallel: int = Field(default=1, ge=1)
 
     @field_validator("timeout_s")
     @classmethod
