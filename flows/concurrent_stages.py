@@ -24,13 +24,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
-from prefect import Task, task
+from prefect import task
 from prefect.context import TaskRunContext
 from prefect.futures import PrefectFuture, as_completed
 from prefect.logging import get_run_logger
-from prefect.tasks import exponential_backoff
 
 from flows.placement import (
     await_placed,
@@ -44,10 +42,10 @@ from flows.stages import (
     StageFailed,
     StageGraph,
     StageResult,
+    _seconds_since,
     _up_to_date_unless_locked,
     is_up_to_date,
     repro,
-    retry_if_dvc_locked,
     stage_task,
     stop_running_stages,
 )
@@ -207,20 +205,11 @@ class _Beside:
         return not untracked
 
 
-def _retried(stage_task_: Task[..., StageResult], name: str, lock_retries: int) -> Any:
-    return stage_task_.with_options(
-        name=name,
-        retries=lock_retries,
-        retry_delay_seconds=exponential_backoff(backoff_factor=1),
-        retry_condition_fn=retry_if_dvc_locked,
-    )
-
-
 def _submit_placed(
     project: Path, graph: StageGraph, settings: Run, stage: str, force: bool
 ) -> PrefectFuture[StageResult]:
     pool = settings.placement[stage]
-    placed = _retried(run_placed_unless_current, f"{stage}@{pool}", settings.lock_retries)
+    placed = stage_task(stage, settings.lock_retries, run_placed_unless_current, f"{stage}@{pool}")
     return placed.submit(
         project,
         stage,
@@ -235,7 +224,7 @@ def _submit_placed(
 def _submit_local(
     project: Path, graph: StageGraph, settings: Run, stage: str, force: bool, commit: str
 ) -> PrefectFuture[StageResult]:
-    beside = _retried(run_in_worktree, f"{stage} (worktree)", settings.lock_retries)
+    beside = stage_task(stage, settings.lock_retries, run_in_worktree, f"{stage} (worktree)")
     return beside.submit(
         project,
         stage,
@@ -249,10 +238,6 @@ def _submit_local(
 def _started() -> datetime:
     context = TaskRunContext.get()
     return (context.task_run.start_time if context else None) or datetime.now(UTC)
-
-
-def _seconds_since(started: datetime) -> float:
-    return (datetime.now(UTC) - started).total_seconds()
 
 
 @task(name="placed")

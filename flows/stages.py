@@ -377,15 +377,22 @@ def _dvc_lock_holder(root: Path) -> str:
     return f"pid {pid}: {command[:80]}{'...' if len(command) > 80 else ''}"
 
 
-def stage_task(stage: str, lock_retries: int) -> Task[..., StageResult]:
-    """:func:`run_stage` as the task for ``stage``: named after it, and retried up to
-    ``lock_retries`` times while DVC's lock is held, 1, 2, 4, ... seconds apart (no other
-    failure is retried; past 50 retries each waits as long as the 50th). Returns the task,
-    ready to call. Raises nothing for ``lock_retries`` >= 0, as params.yaml's are."""
-    return run_stage.with_options(
-        name=stage,
+def stage_task(
+    stage: str,
+    lock_retries: int,
+    body: Task[..., StageResult] | None = None,
+    name: str | None = None,
+) -> Task[..., StageResult]:
+    """``body`` (default :func:`run_stage`) as the task for ``stage``: named ``name`` (default
+    the stage's), and retried up to ``lock_retries`` times while DVC's lock is held, 1, 2, 4,
+    ... seconds apart (no other failure is retried; past 50 retries each waits as long as the
+    50th). Returns the task, ready to call or submit. Raises nothing for ``lock_retries`` >= 0,
+    as params.yaml's are."""
+    return (body or run_stage).with_options(
+        name=name or stage,
         retries=lock_retries,
         retry_delay_seconds=exponential_backoff(backoff_factor=1),
+        retry_condition_fn=retry_if_dvc_locked,
     )
 
 
