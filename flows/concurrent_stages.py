@@ -30,6 +30,7 @@ from prefect.context import TaskRunContext
 from prefect.futures import PrefectFuture, as_completed
 from prefect.logging import get_run_logger
 
+from flows.dvc_commands import checkout
 from flows.placement import (
     await_placed,
     cancel_placed_runs,
@@ -51,7 +52,6 @@ from flows.stages import (
 )
 from flows.worktrees import (
     WorktreeError,
-    dvc,
     snapshot_commit,
     stage_worktree,
     untracked_files,
@@ -300,7 +300,7 @@ def run_in_worktree(
     logger.info("%s: running beside other stages in %s", stage, worktree)
     write_lock_file(worktree, dvc_lock)
     if data:
-        dvc(worktree, "checkout", *data)
+        checkout(worktree, data)
     code, tail = repro(worktree, stage, force, timeout_s)
     if code != 0:
         raise StageFailed(f"stage {stage!r} failed (exit {code}):\n" + "\n".join(tail))

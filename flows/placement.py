@@ -40,11 +40,11 @@ from prefect.states import Cancelling
 from prefect.utilities.callables import parameter_schema
 
 from flows.crash_detection import ensure_crash_automation
+from flows.dvc_commands import pull, push, push_stage
 from flows.stages import StageFailed, StageGraph, repro, stage_graph, stage_task
 from flows.workspace import workspace_lock
 from flows.worktrees import (
     WorktreeError,
-    dvc,
     git,
     head_commit,
     stage_worktree,
@@ -88,7 +88,8 @@ def placed_stage(
     the stage (``force``: even when up to date; stopped after ``timeout_s`` seconds), then
     pushes its outputs and run-cache entry. Returns and publishes (artifact
     ``graft-placed-<stage>``) where it ran and the seconds of each step. Raises StageFailed
-    when the commit is not reachable or the stage fails, WorktreeError when git or DVC fail.
+    when the commit is not reachable or the stage fails, WorktreeError when git fails,
+    DvcDataError when DVC cannot pull or push (DvcLocked: its repository is busy).
     """
     logger = get_run_logger()
     clone = Path.cwd().resolve()
@@ -100,11 +101,11 @@ def placed_stage(
     with workspace_lock(worktree, wait_s=0):  # one run of a stage per clone; orphans stopped
         write_lock_file(worktree, dvc_lock)
         data = stage_graph(worktree, [stage]).inputs[stage].data
-        pull_s = _timed(lambda: dvc(worktree, "pull", *data) if data else "")
+        pull_s = _timed(lambda: pull(worktree, data) if data else None)
         clock = time.monotonic()
         result = stage_task(stage, lock_retries)(worktree, stage, force=force, timeout_s=timeout_s)
         run_s = time.monotonic() - clock
-        push_s = _timed(lambda: dvc(worktree, "push", "--run-cache", stage))
+        push_s = _timed(lambda: push_stage(worktree, stage))
     record = {
         "stage": stage, "host": host, "workspace": str(worktree), "commit": commit,
         "started": started.isoformat(), "ended": datetime.now(UTC).isoformat(),
@@ -247,11 +248,12 @@ def dispatch(
     remote and start a run of ``stage`` on work pool ``pool``: the ``graft-stage/<pool>``
     deployment with ``parameters`` (those of :func:`placed_stage`), as a subflow of the
     calling run. Hold the workspace's DVC while calling. Returns the placed run's id. Raises
-    WorktreeError when the push fails, and what the Prefect client raises."""
+    DvcDataError when the push fails (DvcLocked: another DVC command holds the project),
+    and what the Prefect client raises."""
     logger = get_run_logger()
     if data:
         logger.info("%s: pushing %s to the DVC remote for pool %s", stage, ", ".join(data), pool)
-        dvc(project, "push", *data)
+        push(project, data)
     child: FlowRun = run_deployment(  # type: ignore[assignment]  # sync here: a FlowRun
         ensure_stage_deployment(pool), parameters=parameters, timeout=0, as_subflow=True
     )

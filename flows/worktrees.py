@@ -19,15 +19,15 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from flows.dvc_commands import cache_dir, set_local_cache_dir
 from graft.atomic import write_text
 from graft.config.params import load_params
-from graft.processes import run_dvc
 
 WORKTREES = Path(".graft", "worktrees")
 
 
 class WorktreeError(RuntimeError):
-    """git or DVC could not prepare a stage's work tree; the message says which command."""
+    """git could not prepare a stage's work tree; the message says which command."""
 
 
 def git(root: Path, *args: str, strip: bool = True) -> str:
@@ -38,16 +38,6 @@ def git(root: Path, *args: str, strip: bool = True) -> str:
         message = (done.stderr or done.stdout).strip()
         raise WorktreeError(f"`git {' '.join(args)}` in {root} failed: {message}")
     return done.stdout.strip() if strip else done.stdout
-
-
-def dvc(root: Path, *args: str) -> str:
-    """``dvc <args>`` in ``root`` with this environment's DVC; returns its output. Raises
-    WorktreeError with DVC's message when it fails."""
-    done = run_dvc(root, *args)
-    if done.returncode != 0:
-        message = (done.stderr or done.stdout).strip()
-        raise WorktreeError(f"`dvc {' '.join(args)}` in {root} failed: {message}")
-    return done.stdout
 
 
 def head_commit(root: Path) -> str:
@@ -111,7 +101,8 @@ def stage_worktree(clone: Path, stage: str, commit: str) -> Path:
 
     Creates it the first time and moves it to ``commit`` after; outputs and resume state left
     by an earlier run stay. Returns its path, ``clone/.graft/worktrees/<stage>``. Raises
-    WorktreeError when git or DVC fails (``commit`` not in the clone, for one).
+    WorktreeError when git fails (``commit`` not in the clone, for one), DvcDataError when
+    DVC cannot read either project's config.
     """
     path = clone / WORKTREES / stage
     if (path / ".git").is_file():
@@ -127,15 +118,9 @@ def stage_worktree(clone: Path, stage: str, commit: str) -> Path:
         shutil.copyfile(local_config, path / ".dvc" / "config.local")
     else:
         (path / ".dvc" / "config.local").unlink(missing_ok=True)
-    dvc(path, "config", "--local", "cache.dir", str(cache_dir(clone)))
+    set_local_cache_dir(path, cache_dir(clone))
     _share_machine_state(clone, path)
     return path
-
-
-def cache_dir(clone: Path) -> Path:
-    """The DVC cache folder of ``clone``, as its merged DVC config says (default
-    ``.dvc/cache``), absolute. Raises WorktreeError when DVC cannot tell."""
-    return Path(dvc(clone, "cache", "dir").strip()).resolve()
 
 
 def _share_machine_state(clone: Path, worktree: Path) -> None:

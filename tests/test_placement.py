@@ -180,8 +180,10 @@ def test_a_stage_failing_on_the_worker_fails_the_run_with_its_stderr(placed: Pla
         flow_run_id = project.trigger("on-demand")
         finished = project.wait(flow_run_id)
         assert finished.state is not None and finished.state.is_failed()
-        log = project.logs(flow_run_id, waiting_for="baseline broke here")
-        assert "stage 'baseline' failed on work pool 'gpu'" in log
+        # The run's state is final before its last log lines reach the server: wait for
+        # the failure, which is logged last, then look for the relayed stderr before it.
+        log = project.logs(flow_run_id, waiting_for="stage 'baseline' failed on work pool 'gpu'")
+        assert "baseline broke here" in log
         assert "Running stage 'evaluate'" not in log  # downstream of it: never started
     finally:
         run(["git", "revert", "--no-edit", "HEAD"], project.repo)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,8 +13,9 @@ import pytest
 import yaml
 from helpers import ROOT, run
 
+from flows.dvc_commands import DvcDataError, cache_dir, checkout, pull, push
 from flows.placement import PlacementError, check_placement
-from flows.stages import stage_graph, stage_order
+from flows.stages import DvcLocked, stage_graph, stage_order
 from flows.worktrees import snapshot_commit, stage_worktree, uncommitted, untracked_files
 from graft.config.params import ParamsError, parse_params
 
@@ -101,3 +105,67 @@ def test_work_tree_helpers_on_a_real_repository(dvc_project: Path) -> None:
     assert run(["git", "status", "--porcelain"], dvc_project).stdout.split("\n")[0] == (
         " M tasks/split.py"
     )
+
+
+def test_no_flow_module_shadows_an_installed_one() -> None:
+    # A worker loads a deployment's entrypoint (flows/placement.py, flows/pipeline.py) with
+    # flows/ first on sys.path: a module there named like an installed one (dvc_data is
+    # DVC's) would be imported in its place, and the placed run would fail on import.
+    import importlib.util
+
+    for module in sorted((ROOT / "flows").glob("*.py")):
+        if module.stem == "__init__":
+            continue
+        found = importlib.util.find_spec(module.stem)
+        assert found is None, f"flows/{module.name} shadows the installed {found.origin}"
+
+
+def test_dvc_commands_in_process_move_data_and_name_what_failed(
+    dvc_project: Path, tmp_path: Path
+) -> None:
+    data = dvc_project / "notes" / "notes.txt"
+    data.parent.mkdir(exist_ok=True)
+    data.write_text("hand me over\n")
+    run(["dvc", "add", "notes/notes.txt"], dvc_project)
+    with pytest.raises(DvcDataError, match=r"`dvc push notes/notes.txt` in .* failed: .*remote"):
+        push(dvc_project, ["notes/notes.txt"])  # no default remote yet
+
+    remote = tmp_path / "remote"
+    run(["dvc", "remote", "add", "-d", "folder", str(remote)], dvc_project)
+    push(dvc_project, ["notes/notes.txt"])
+    assert any(p.is_file() for p in remote.rglob("*"))
+    cache = cache_dir(dvc_project)
+    shutil.rmtree(cache)
+    data.unlink()
+    pull(dvc_project, ["notes/notes.txt"])  # back from the remote, into cache and workspace
+    assert data.read_text() == "hand me over\n"
+    data.unlink()
+    checkout(dvc_project, ["notes/notes.txt"])  # from the cache alone
+    assert data.read_text() == "hand me over\n"
+
+    shutil.rmtree(remote)
+    shutil.rmtree(cache)
+    data.unlink()
+    with pytest.raises(DvcDataError, match=r"`dvc pull notes/notes.txt` in .* failed"):
+        pull(dvc_project, ["notes/notes.txt"])
+
+    holder = subprocess.Popen(  # another process holds the repository's lock
+        [sys.executable, "-c", HOLD_DVC_LOCK, str(dvc_project)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        with pytest.raises(DvcLocked, match=r"`dvc checkout notes/notes.txt`"):
+            checkout(dvc_project, ["notes/notes.txt"])
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+HOLD_DVC_LOCK = """
+import sys, time
+from dvc.repo import Repo
+repo = Repo(sys.argv[1])
+repo.lock.lock()
+print("held", flush=True)
+time.sleep(60)
+"""
