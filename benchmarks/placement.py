@@ -73,8 +73,9 @@ def timed_flow(repo: Path) -> tuple[float, Any]:
     return seconds, state
 
 
-def placed_figures(url: str, state: Any) -> dict[str, float]:
-    """The placed pretrain's figures, from its run's artifact and the orchestrator's log."""
+def placed_figures(url: str, state: Any, clone: Path) -> dict[str, float]:
+    """The placed pretrain's figures, from its run's artifact (published in the worker's
+    ``clone``) and the orchestrator's log."""
     from prefect.client.orchestration import SyncPrefectClient
     from prefect.client.schemas.filters import (
         ArtifactFilter,
@@ -83,9 +84,13 @@ def placed_figures(url: str, state: Any) -> dict[str, float]:
         LogFilterFlowRunId,
     )
 
+    from flows.artifacts import artifact_key
+
     with SyncPrefectClient(url) as client:
         (artifact,) = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["graft-placed-pretrain"]))
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=[artifact_key(clone, "placed-pretrain")])
+            )
         )
         data: Any = artifact.data
         record = (json.loads(data) if isinstance(data, str) else data)[0]
@@ -155,7 +160,7 @@ def main() -> None:
             try:
                 time.sleep(15)  # the worker creates its pool and reports online
                 placed_s, state = timed_flow(placed_repo)
-                figures = placed_figures(url, state)
+                figures = placed_figures(url, state, clone)
             finally:
                 stop_session(worker)
             print(f"placed    {placed_s:7.1f} s (pretrain on pool {POOL})", flush=True)

@@ -31,6 +31,7 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.logging import get_run_logger
 
 from flows.dvc_commands import checkout
+from flows.failures import stage_failure
 from flows.placement import (
     await_placed,
     cancel_placed_runs,
@@ -42,13 +43,16 @@ from flows.stages import (
     STOPPED_NOTE,
     StageFailed,
     StageGraph,
+    StageOutcome,
     StageResult,
     _seconds_since,
     _up_to_date_unless_locked,
+    cached,
     is_up_to_date,
     repro,
     stage_task,
     stop_running_stages,
+    task_result,
 )
 from flows.worktrees import (
     WorktreeError,
@@ -81,17 +85,24 @@ def read_lock_file(project: Path) -> str:
 
 
 def run_stage_graph(
-    project: Path, graph: StageGraph, settings: Run, force: bool
+    project: Path,
+    graph: StageGraph,
+    settings: Run,
+    force: bool,
+    outcomes: dict[str, StageResult | Exception] | None = None,
 ) -> list[StageResult]:
     """Run the stages of ``graph`` in the project ``project``, each as soon as its upstream
     is done (see the module's docstring); ``settings`` are params.yaml's ``run`` section,
     ``force`` runs stages DVC reports up to date too.
 
-    Returns one result per stage that ran or was found up to date, in ``graph.order``.
-    Raises the first stage failure (StageFailed, DvcLocked) once the stages running beside
-    it have ended, and what interrupted the run after stopping every stage it runs."""
+    ``outcomes``, when given, is filled in as stages end: each one's result, or the exception
+    it failed with, for a caller that reports a failed run. Returns one result per stage that
+    ran or was found up to date, in ``graph.order``. Raises the first stage failure
+    (StageFailed, DvcLocked) once the stages running beside it have ended, and what
+    interrupted the run after stopping every stage it runs."""
     results: dict[str, StageResult] = {}
-    running: dict[PrefectFuture[StageResult], tuple[str, bool]] = {}  # -> (stage, local)
+    ended: dict[str, StageResult | Exception] = {} if outcomes is None else outcomes
+    running: dict[PrefectFuture[StageOutcome], tuple[str, bool]] = {}  # -> (stage, local)
     failures: list[BaseException] = []
     beside = _Beside(project, graph)
     try:
@@ -123,7 +134,12 @@ def run_stage_graph(
                 stage = local[0]
                 run_one = stage_task(stage, settings.lock_retries)
                 timeout_s = settings.timeout_for(stage)
-                results[stage] = run_one(project, stage, force=force, timeout_s=timeout_s)
+                try:
+                    outcome = run_one(project, stage, force=force, timeout_s=timeout_s)
+                    results[stage] = ended[stage] = task_result(outcome)
+                except Exception as error:  # nothing else runs: the loop ends and raises it
+                    failures.append(error)
+                    ended[stage] = error
                 continue
             for stage in placed:
                 running[_submit_placed(project, graph, settings, stage, force)] = (stage, False)
@@ -138,9 +154,10 @@ def run_stage_graph(
             done = next(as_completed(list(running)))
             stage, _ = running.pop(done)
             try:
-                results[stage] = done.result()
+                results[stage] = ended[stage] = task_result(done.result())
             except Exception as error:
                 failures.append(error)
+                ended[stage] = error
     except BaseException as error:  # interrupted: stop what runs, in threads or on workers
         stopped = stop_running_stages()
         cancelled = cancel_placed_runs()
@@ -207,7 +224,7 @@ class _Beside:
 
 def _submit_placed(
     project: Path, graph: StageGraph, settings: Run, stage: str, force: bool
-) -> PrefectFuture[StageResult]:
+) -> PrefectFuture[StageOutcome]:
     pool = settings.placement[stage]
     placed = stage_task(stage, settings.lock_retries, run_placed_unless_current, f"{stage}@{pool}")
     return placed.submit(
@@ -223,7 +240,7 @@ def _submit_placed(
 
 def _submit_local(
     project: Path, graph: StageGraph, settings: Run, stage: str, force: bool, commit: str
-) -> PrefectFuture[StageResult]:
+) -> PrefectFuture[StageOutcome]:
     beside = stage_task(stage, settings.lock_retries, run_in_worktree, f"{stage} (worktree)")
     return beside.submit(
         project,
@@ -250,7 +267,7 @@ def run_placed_unless_current(
     force: bool,
     timeout_s: float,
     lock_retries: int,
-) -> StageResult:
+) -> StageOutcome:
     """``stage`` on a worker of ``pool`` (flows/placement.py), unless DVC reports it up to
     date in ``project`` (and not ``force``). Returns what was done. Raises DvcLocked while
     another DVC command holds the workspace, StageFailed when the placed run fails."""
@@ -258,7 +275,7 @@ def run_placed_unless_current(
     with workspace_dvc(project):
         if not force and _up_to_date_unless_locked(project, stage):
             get_run_logger().info("%s: up to date (DVC cache)", stage)
-            return StageResult(stage, ran=False, seconds=_seconds_since(started))
+            return cached(StageResult(stage, ran=False, seconds=_seconds_since(started)))
         parameters = {
             "stage": stage, "commit": orchestrator_commit(project),
             "dvc_lock": read_lock_file(project), "force": force, "timeout_s": timeout_s,
@@ -283,7 +300,7 @@ def run_placed_unless_current(
 @task(name="worktree")
 def run_in_worktree(
     project: Path, stage: str, data: list[str], *, commit: str, force: bool, timeout_s: float
-) -> StageResult:
+) -> StageOutcome:
     """``stage`` in its work tree of ``project`` at ``commit`` (flows/worktrees.py), beside
     other stages, unless DVC reports it up to date (and not ``force``); its result is then
     taken over into ``project`` through the run-cache. ``data``: its data dependencies,
@@ -294,7 +311,7 @@ def run_in_worktree(
     with workspace_dvc(project):
         if not force and _up_to_date_unless_locked(project, stage):
             logger.info("%s: up to date (DVC cache)", stage)
-            return StageResult(stage, ran=False, seconds=_seconds_since(started))
+            return cached(StageResult(stage, ran=False, seconds=_seconds_since(started)))
         dvc_lock = read_lock_file(project)
     worktree = stage_worktree(project, stage, commit)
     logger.info("%s: running beside other stages in %s", stage, worktree)
@@ -303,12 +320,10 @@ def run_in_worktree(
         checkout(worktree, data)
     code, tail = repro(worktree, stage, force, timeout_s)
     if code != 0:
-        raise StageFailed(f"stage {stage!r} failed (exit {code}):\n" + "\n".join(tail))
+        raise StageFailed(stage_failure(stage, code, tail, what="failed in its work tree"))
     with workspace_dvc(project):
         code, tail = repro(project, stage, force=False, timeout_s=timeout_s)
     if code != 0:
-        raise StageFailed(
-            f"stage {stage!r} ran in {worktree}, but its result could not be taken over "
-            f"(exit {code}):\n" + "\n".join(tail)
-        )
+        what = f"ran in {worktree}, but its result could not be taken over"
+        raise StageFailed(stage_failure(stage, code, tail, what))
     return StageResult(stage, ran=True, seconds=_seconds_since(started), where="worktree")

@@ -11,25 +11,33 @@ the workspace lock in flows/workspace.py.
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
-from prefect import flow, task
-from prefect.client.schemas.objects import State
+from prefect import flow, get_client, tags, task
+from prefect.client.schemas.objects import FlowRun, State
 from prefect.context import FlowRunContext
 from prefect.logging import get_run_logger
+from prefect.runtime import flow_run as current_flow_run
 from prefect.states import Cancelled
 
-from flows.artifacts import publish_run_artifacts
+from flows.artifacts import StageRow, publish_run_artifacts, workspace_label
 from flows.concurrent_stages import run_stage_graph
-from flows.crash_detection import check_heartbeat, ensure_crash_automation
+from flows.crash_detection import HeartbeatMisconfigured, check_heartbeat, ensure_crash_automation
+from flows.failures import first_line, quiet_expected_failures
 from flows.missed_runs import MissedRuns, skip_reason
-from flows.placement import check_placement
-from flows.stages import StageFailed, StageResult, stage_graph, stage_order
-from flows.workspace import workspace_lock
+from flows.placement import PlacementError, check_placement
+from flows.stages import StageFailed, StageGraph, StageResult, stage_graph, stage_order
+from flows.workspace import WorkspaceBusy, workspace_lock
 from graft.config.checks import check_machine
-from graft.config.params import load_params
+from graft.config.params import Params, load_params
+from graft.errors import GraftError
 from graft.processes import run_dvc
+
+# Failures graft expects and explains in their message's first line: Prefect's engine logs
+# them without a traceback (flows/failures.py).
+EXPECTED_FAILURES = (StageFailed, PlacementError, WorkspaceBusy, HeartbeatMisconfigured, GraftError)
 
 
 def _sync_with_remote(root: Path, *command: str) -> None:
@@ -63,7 +71,49 @@ def _publish(root: Path, bump: Literal["patch", "minor", "major"], stage: str | 
     )
 
 
-@flow(name="graft-pipeline", log_prints=True)
+def _run_name() -> str:
+    """The flow run's name: the workspace's folder and the start time, e.g.
+    ``main-20261207-014022``, so that runs of several clones tell apart in the UI."""
+    root = Path(str(current_flow_run.parameters.get("root", "."))).resolve()
+    return f"{root.name}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def _tag_run(flow_run: FlowRun | None, labels: list[str]) -> None:
+    """Add ``labels`` to the running flow run's tags (a run started by hand has none)."""
+    if flow_run is None:
+        return
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(flow_run.id, tags=sorted({*flow_run.tags, *labels}))
+
+
+def _stage_rows(graph: StageGraph, outcomes: dict[str, StageResult | Exception]) -> list[StageRow]:
+    """The stage table of a run that failed: each stage's result, "failed", or "not run"."""
+    rows = []
+    for stage in graph.order:
+        outcome = outcomes.get(stage)
+        if isinstance(outcome, StageResult):
+            rows.append(outcome.row())
+        else:
+            rows.append(StageRow(stage, "failed" if outcome else "not run", None))
+    return rows
+
+
+def _report_failure(
+    project: Path, params: Params, rows: list[StageRow], error: BaseException
+) -> None:
+    """Log why the run failed at ERROR, in one line, and publish what it did (the stage table
+    and the reports of stages that finished) with that line first. A report that cannot be
+    read is logged, never raised over the failure itself."""
+    logger = get_run_logger()
+    reason = first_line(error)
+    logger.error("run failed: %s", reason)
+    try:
+        publish_run_artifacts(project, params, rows, failure=reason)
+    except Exception as unreadable:  # the run's own failure is what must surface
+        logger.warning("could not publish this run's reports: %s", unreadable)
+
+
+@flow(name="graft-pipeline", log_prints=True, flow_run_name=_run_name)
 def pipeline(
     root: str = ".",
     stages: list[str] | None = None,
@@ -96,8 +146,12 @@ def pipeline(
     a deployment's run sends heartbeats too rarely for crash detection.
     """
     logger = get_run_logger()
+    quiet_expected_failures(*EXPECTED_FAILURES)
     context = FlowRunContext.get()
     flow_run = context.flow_run if context else None
+    project = Path(root).resolve()
+    labels = ["graft", f"workspace:{workspace_label(project)}"]
+    _tag_run(flow_run, labels)
     skipped = skip_reason(flow_run, missed_runs, missed_after_s)
     if skipped:
         logger.info("%s", skipped)
@@ -106,7 +160,6 @@ def pipeline(
         check_heartbeat()  # before the automation could take a live run for a dead one
         if ensure_crash_automation():
             logger.info("crash detection: the server's automation was created or updated")
-    project = Path(root).resolve()
     params = load_params(project / "params.yaml")  # bad params fail before any stage runs
     check_machine(params, project, origin=str(project / "params.yaml"))
     settings = params.run
@@ -116,12 +169,17 @@ def pipeline(
     if unknown:
         raise ValueError(f"run.timeout_s names stages not in dvc.yaml: {', '.join(unknown)}")
     check_placement(project, settings.placement, every_stage, graph)
-    with workspace_lock(project, wait_for_workspace_s):
+    with workspace_lock(project, wait_for_workspace_s), tags(*labels):
         if pull:
             _sync_with_remote(project, "pull", "--allow-missing")
         # Each stage once its upstream is done; a failure raises once the stages running
         # beside it have ended, so nothing downstream of it runs.
-        results = run_stage_graph(project, graph, settings, force)
+        outcomes: dict[str, StageResult | Exception] = {}
+        try:
+            results = run_stage_graph(project, graph, settings, force, outcomes)
+        except Exception as error:
+            _report_failure(project, params, _stage_rows(graph, outcomes), error)
+            raise
         if push:
             _sync_with_remote(project, "push")
         publish_run_artifacts(project, params, [r.row() for r in results])

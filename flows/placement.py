@@ -39,9 +39,18 @@ from prefect.settings import PREFECT_API_URL
 from prefect.states import Cancelling
 from prefect.utilities.callables import parameter_schema
 
+from flows.artifacts import artifact_key
 from flows.crash_detection import ensure_crash_automation
 from flows.dvc_commands import pull, push, push_stage
-from flows.stages import StageFailed, StageGraph, repro, stage_graph, stage_task
+from flows.failures import placed_failure, stage_failure
+from flows.stages import (
+    StageFailed,
+    StageGraph,
+    repro,
+    stage_graph,
+    stage_task,
+    task_result,
+)
 from flows.workspace import workspace_lock
 from flows.worktrees import (
     WorktreeError,
@@ -87,8 +96,9 @@ def placed_stage(
     dvc.lock), pulls the stage's data dependencies from the DVC remote, runs `dvc repro` of
     the stage (``force``: even when up to date; stopped after ``timeout_s`` seconds), then
     pushes its outputs and run-cache entry. Returns and publishes (artifact
-    ``graft-placed-<stage>``) where it ran and the seconds of each step. Raises StageFailed
-    when the commit is not reachable or the stage fails, WorktreeError when git fails,
+    ``graft-<clone>-placed-<stage>``, flows/artifacts.py) where it ran and the seconds of
+    each step. Raises StageFailed when the commit is not reachable or the stage fails,
+    WorktreeError when git fails,
     DvcDataError when DVC cannot pull or push (DvcLocked: its repository is busy).
     """
     logger = get_run_logger()
@@ -103,7 +113,8 @@ def placed_stage(
         data = stage_graph(worktree, [stage]).inputs[stage].data
         pull_s = _timed(lambda: pull(worktree, data) if data else None)
         clock = time.monotonic()
-        result = stage_task(stage, lock_retries)(worktree, stage, force=force, timeout_s=timeout_s)
+        outcome = stage_task(stage, lock_retries)(worktree, stage, force=force, timeout_s=timeout_s)
+        result = task_result(outcome)
         run_s = time.monotonic() - clock
         push_s = _timed(lambda: push_stage(worktree, stage))
     record = {
@@ -117,7 +128,7 @@ def placed_stage(
         stage, pull_s, "ran" if result.ran else "up to date", run_s, push_s,
     )  # fmt: skip
     create_table_artifact(
-        key=f"graft-placed-{stage}",
+        key=artifact_key(clone, f"placed-{stage}"),
         table=[record],
         description=f"Where and how long stage {stage} ran on its work pool's worker.",
     )
@@ -267,9 +278,7 @@ def await_placed(flow_run_id: UUID, stage: str, pool: str, timeout_s: float) -> 
     placed run's own message (the stage's last output lines), unless it completed."""
     state = _follow(flow_run_id, f"{stage}@{pool}", timeout_s)
     if not state.is_completed():
-        raise StageFailed(
-            f"stage {stage!r} failed on work pool {pool!r} ({state.name}): {state.message}"
-        )
+        raise StageFailed(placed_failure(stage, pool, state.name or "", state.message or ""))
 
 
 def take_over(project: Path, stage: str, pool: str, timeout_s: float) -> None:
@@ -279,10 +288,8 @@ def take_over(project: Path, stage: str, pool: str, timeout_s: float) -> None:
     fails; logs a warning when the run-cache did not match and DVC ran the stage here."""
     code, tail = repro(project, stage, force=False, timeout_s=timeout_s, pull=True)
     if code != 0:
-        raise StageFailed(
-            f"stage {stage!r} ran on work pool {pool!r}, but its result could not be taken "
-            f"over from the DVC remote (exit {code}):\n" + "\n".join(tail)
-        )
+        what = f"ran on work pool {pool!r}, but its result could not be taken over"
+        raise StageFailed(stage_failure(stage, code, tail, what))
     if not any(CACHED_NOTE in line or "didn't change" in line for line in tail):
         get_run_logger().warning(
             "%s: the run-cache entry from pool %s did not match here; DVC ran it again", stage, pool

@@ -28,10 +28,12 @@ from prefect.client.schemas.objects import State, TaskRun
 from prefect.context import TaskRunContext
 from prefect.exceptions import TerminationSignal
 from prefect.logging import get_run_logger
+from prefect.states import Completed
 from prefect.tasks import exponential_backoff
 
 from flows.artifacts import StageRow
 from flows.dvc_files import keep_whole_copy, repair_dvc_files
+from flows.failures import stage_failure
 from flows.workspace import forget_stage_session, record_stage_session
 from graft.processes import dvc_command, env_with_this_python, stop_session
 
@@ -77,6 +79,27 @@ class StageResult:
     def row(self) -> StageRow:
         """This result as a row of the run's stage table: status "ran" or "cached"."""
         return StageRow(self.stage, "ran" if self.ran else "cached", self.seconds, self.where)
+
+
+# What a stage task returns: its result, or, for a stage DVC reports up to date, Prefect's
+# Cached state holding it (see :func:`cached`); :func:`task_result` unwraps either.
+StageOutcome = StageResult | State[StageResult]
+
+
+def cached(result: StageResult) -> State[StageResult]:
+    """``result`` of a stage DVC reports up to date, as its task's final state: Prefect's
+    ``Cached`` (a Completed state), so that the UI tells it apart from a stage that ran."""
+    return Completed(name="Cached", message="up to date in the DVC cache", data=result)
+
+
+def task_result(outcome: StageOutcome) -> StageResult:
+    """The StageResult of a stage task's ``outcome``: a task called directly returns the
+    Cached state itself (a future unwraps it). Raises what a failed state holds."""
+    if isinstance(outcome, State):
+        unwrapped = outcome.result()
+        assert isinstance(unwrapped, StageResult), unwrapped
+        return unwrapped
+    return outcome
 
 
 @dataclass(frozen=True)
@@ -204,8 +227,11 @@ def repro(
         record_stage_session(root, stage, process.pid)
         timer.start()
         assert process.stdout is not None
+        hints = _DvcHints()
         for line in process.stdout:
             if process in _stopping:  # its last words (a KeyboardInterrupt's traceback)
+                continue
+            if hints.is_hint(line):
                 continue
             logger.info("%s | %s", stage, line.rstrip())
             tail = [*tail[-(TAIL_LINES - 1) :], line.rstrip()]
@@ -235,6 +261,28 @@ def repro(
             _stopping.discard(process)
             tail.append("the run was interrupted: stopped with its whole process tree")
     return code, tail
+
+
+class _DvcHints:
+    """Recognises the advice `dvc repro` prints for people at a terminal ("To track the
+    changes with git, run:", its indented command, "Use `dvc push` ..."): graft commits and
+    pushes itself, so in a run's log it is noise. Everything else DVC prints is kept."""
+
+    STARTS = ("To track the changes with git, run:", "To enable auto staging, run:")
+    LINES = ("Use `dvc push` to send your updates to remote storage.",)
+
+    def __init__(self) -> None:
+        self._inside = False  # after a hint's first line: its blank and indented lines
+
+    def is_hint(self, line: str) -> bool:
+        text = line.rstrip("\n")
+        if text.startswith(self.STARTS) or text in self.LINES:
+            self._inside = text.startswith(self.STARTS)
+            return True
+        if self._inside and (not text.strip() or text.startswith(("\t", " "))):
+            return True
+        self._inside = False
+        return False
 
 
 def stop_running_stages() -> list[str]:
@@ -318,7 +366,7 @@ def retry_if_dvc_locked(task: Task[..., Any], task_run: TaskRun, state: State[An
 
 
 @task(name="stage", retry_condition_fn=retry_if_dvc_locked)
-def run_stage(root: Path, stage: str, *, force: bool, timeout_s: float) -> StageResult:
+def run_stage(root: Path, stage: str, *, force: bool, timeout_s: float) -> StageOutcome:
     """Run ``stage`` of the project ``root`` unless DVC reports it up to date (or ``force``).
 
     Streams the stage's output into the Prefect log and stops it, with its whole process
@@ -336,12 +384,11 @@ def run_stage(root: Path, stage: str, *, force: bool, timeout_s: float) -> Stage
     with _hangup_raises():
         if not force and _up_to_date_unless_locked(root, stage):
             logger.info("%s: up to date (DVC cache)", stage)
-            return StageResult(stage, ran=False, seconds=_seconds_since(started))
+            return cached(StageResult(stage, ran=False, seconds=_seconds_since(started)))
         code, tail = repro(root, stage, force, timeout_s)
     if code == 0:
         return StageResult(stage, ran=True, seconds=_seconds_since(started))
-    last_lines = "\n".join(tail)
-    message = f"stage {stage!r} failed (exit {code}):\n{last_lines}"
+    message = stage_failure(stage, code, tail)
     if any(DVC_LOCKED in line for line in tail):
         logger.warning("%s: another DVC command holds the repository lock", stage)
         raise DvcLocked(message)
@@ -380,9 +427,9 @@ def _dvc_lock_holder(root: Path) -> str:
 def stage_task(
     stage: str,
     lock_retries: int,
-    body: Task[..., StageResult] | None = None,
+    body: Task[..., StageOutcome] | None = None,
     name: str | None = None,
-) -> Task[..., StageResult]:
+) -> Task[..., StageOutcome]:
     """``body`` (default :func:`run_stage`) as the task for ``stage``: named ``name`` (default
     the stage's), and retried up to ``lock_retries`` times while DVC's lock is held, 1, 2, 4,
     ... seconds apart (no other failure is retried; past 50 retries each waits as long as the

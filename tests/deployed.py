@@ -29,6 +29,7 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.objects import FlowRun
 
+from flows.artifacts import artifact_key
 from flows.local_server import local_prefect_server
 from graft.processes import start_in_own_session, stop_session
 
@@ -87,7 +88,7 @@ class Project:
         with self.server.client() as client:
             (artifact,) = client.read_artifacts(
                 artifact_filter=ArtifactFilter(
-                    key=ArtifactFilterKey(any_=["graft-stages"]),
+                    key=ArtifactFilterKey(any_=[artifact_key(self.repo, "stages")]),
                     flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]),
                 )
             )

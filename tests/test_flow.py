@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from uuid import UUID
 
 import pytest
 from helpers import SCAN_STAGE, pipeline_is_current, run
 from prefect import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    FlowRunFilter,
+    FlowRunFilterId,
+)
 from prefect.client.schemas.objects import State
 from prefect.testing.utilities import prefect_test_harness
 
 from flows import stages
+from flows.artifacts import artifact_key, workspace_label
 from flows.pipeline import pipeline
 from flows.stages import DvcLocked, StageFailed, StageResult, stage_order
 from flows.workspace import WorkspaceBusy, workspace_lock
@@ -74,9 +82,18 @@ def test_flow_and_dvc_repro_share_one_cache(dvc_project: Path, tmp_path: Path) -
     by_hand = run(["dvc", "repro"], repo).stdout  # by hand: only the scan, which always runs
     assert re.findall(r"Running stage '([\w-]+)'", by_hand) == [SCAN_STAGE]
 
-    # Every task but the scan's: up to date (DVC cache).
-    again = pipeline(root=str(repo))
+    # Every task but the scan's: up to date (DVC cache), and Cached in Prefect's terms.
+    state = pipeline(root=str(repo), return_state=True)
+    again = state.result()
     assert [r.stage for r in results(again)] == every_stage and ran(again) == [SCAN_STAGE]
+    assert state.state_details.flow_run_id is not None
+    finals = {
+        name.rsplit("-", 1)[0]: names[-1]
+        for name, names in _task_run_states(state.state_details.flow_run_id).items()
+    }
+    assert finals == {
+        stage: "Completed" if stage == SCAN_STAGE else "Cached" for stage in every_stage
+    }
 
     # publish: the model becomes a version; a run with nothing new publishes nothing.
     run(["git", "add", "-A"], repo)
@@ -98,10 +115,40 @@ def test_failing_stage_fails_the_flow_and_stops_downstream(dvc_project: Path) ->
     repo = dvc_project
     evaluate = repo / "tasks" / "evaluate.py"
     evaluate.write_text(evaluate.read_text() + "\nraise SystemExit('evaluation exploded')\n")
-    with pytest.raises(StageFailed, match=r"(?s)stage 'evaluate' failed.*evaluation exploded"):
-        pipeline(root=str(repo))
+    state = pipeline(root=str(repo), return_state=True)
+    reason = (
+        "stage 'evaluate' failed: its last output: evaluation exploded (its command exited with 1)"
+    )
+    with pytest.raises(StageFailed) as failure:
+        state.result()
+    assert str(failure.value) == reason  # one line: the stage's output is in the log above
     assert (repo / "models" / "finetuned.pt").exists()  # upstream stages ran
     assert not (repo / "models" / "package").exists()  # register never ran
+
+    # The run explains itself in the UI: its name and tags say which workspace; the stage
+    # table says what failed and what never ran; the summary says why, first.
+    flow_run_id = state.state_details.flow_run_id
+    assert flow_run_id is not None
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(flow_run_id)
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    assert flow_run.name.startswith(f"{repo.name}-")
+    assert {"graft", f"workspace:{workspace_label(repo)}"} <= set(flow_run.tags)
+    artifacts = {a.key: a for a in found}
+    expected = {artifact_key(repo, name) for name in ("stages", "summary", "ingest-summary")}
+    assert expected <= set(artifacts)
+    assert artifact_key(repo, "test-metrics") not in artifacts  # evaluate did not finish
+    rows: Any = artifacts[artifact_key(repo, "stages")].data
+    table: list[dict[str, Any]] = json.loads(rows) if isinstance(rows, str) else rows
+    status = {row["stage"]: row["status"] for row in table}
+    assert status["evaluate"] == "failed" and status["register"] == "not run"
+    assert status["finetune"] == "ran"
+    summary = str(artifacts[artifact_key(repo, "summary")].data)
+    assert summary.startswith(f"# graft run: failed\n\n**Why:** {reason}\n")
+    assert "Not run (downstream of the failure): register." in summary
+    assert "Test accuracy" not in summary  # evaluate did not finish: an older report is not shown
 
 
 def _set_param(repo: Path, old: str, new: str) -> None:
@@ -186,6 +233,7 @@ def test_other_failures_are_not_retried_and_lock_retries_run_out(
         return 1, ["ERROR: Unable to acquire lock"]
 
     monkeypatch.setattr(stages, "repro", always_locked)
-    with pytest.raises(DvcLocked, match=rf"stage '{SCAN_STAGE}' failed \(exit 1\)"):
+    locked = rf"stage '{SCAN_STAGE}' failed: Unable to acquire lock \(`dvc repro` exited with 1\)"
+    with pytest.raises(DvcLocked, match=locked):
         pipeline(root=str(dvc_project))
     assert attempts == [SCAN_STAGE, SCAN_STAGE]  # the first attempt and its one retry

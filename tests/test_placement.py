@@ -32,6 +32,7 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import FlowRun, WorkerStatus
 from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 
+from flows.artifacts import artifact_key
 from graft.processes import start_in_own_session, stop_session
 
 pytestmark = pytest.mark.slow
@@ -95,12 +96,17 @@ def placed_runs(placed: Placed, parent: UUID) -> dict[str, FlowRun]:
     return {str(r.parameters["stage"]): r for r in runs}
 
 
+def placed_key(placed: Placed, flow_run: FlowRun) -> str:
+    """The key of the record a placed run publishes: its worker clone's stage work tree's."""
+    return artifact_key(placed.worker_clone, f"placed-{flow_run.parameters['stage']}")
+
+
 def record_of(placed: Placed, flow_run: FlowRun) -> dict[str, Any]:
     """What the placed run published about itself: where and when it ran."""
     with placed.project.server.client() as client:
         (artifact,) = client.read_artifacts(
             artifact_filter=ArtifactFilter(
-                key=ArtifactFilterKey(any_=[f"graft-placed-{flow_run.parameters['stage']}"]),
+                key=ArtifactFilterKey(any_=[placed_key(placed, flow_run)]),
                 flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id]),
             )
         )

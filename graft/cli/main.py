@@ -117,11 +117,12 @@ def _run(arguments: argparse.Namespace) -> None:
 def _run_flow(arguments: argparse.Namespace, phase: list[str]) -> list[Any]:
     """The pipeline flow as ``graft run`` runs it, against a temporary Prefect server when
     PREFECT_API_URL is not set; ``phase[0]`` says how far it got. Returns the stage results.
-    Raises GraftError for a failed stage or a server that did not start."""
+    Raises GraftError, with the one line that says why, for a failed stage, a refused param
+    or placement, a busy workspace, or a server that did not start."""
     use_project_code(arguments.root)
+    from flows.failures import first_line
     from flows.local_server import ServerDidNotStart, run_api  # Prefect only when asked for
-    from flows.pipeline import pipeline
-    from flows.stages import StageFailed
+    from flows.pipeline import EXPECTED_FAILURES, pipeline
 
     log = arguments.root / ".graft" / "prefect-server.log"
     try:
@@ -136,8 +137,9 @@ def _run_flow(arguments: argparse.Namespace, phase: list[str]) -> list[Any]:
                 publish_stage=arguments.stage,
             )
             phase[0] = "after the flow run finished"
-    except (StageFailed, ServerDidNotStart) as error:
-        raise GraftError(str(error)) from None
+    except (*EXPECTED_FAILURES, ServerDidNotStart) as error:
+        # The stage's output and the run's log said the rest: the last line says why.
+        raise GraftError(first_line(error)) from None
     return results if isinstance(results, list) else []
 
 
