@@ -10,9 +10,13 @@ import sys
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from difflib import get_close_matches
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from graft.cli.help_format import HelpFormatter
 from graft.cli.registry import add_commands as add_registry_commands
 from graft.config.params import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, DEFAULT_PARAMS, load_params
 from graft.config.settings import (
@@ -22,6 +26,9 @@ from graft.config.settings import (
 )
 from graft.errors import GraftError, run_main
 from graft.processes import env_with_this_python
+from graft.registry.package_layout import CARD_MARKDOWN
+
+REJECTED_EXIT = 3  # graft verify --fail-on-rejected: some file was rejected (1: an error)
 
 
 def _check(arguments: argparse.Namespace) -> None:
@@ -72,6 +79,16 @@ def _verify(arguments: argparse.Namespace) -> None:
         f"{skipped} hidden or stray files skipped",
         file=sys.stderr,
     )
+    if arguments.fail_on_rejected:
+        from graft.data.ingest import NOT_COUNTED  # the rejection budget's rule
+
+        rejected = sum(n for verdict, n in verdicts.items() if verdict not in NOT_COUNTED)
+        if rejected:
+            print(
+                f"{rejected} files rejected: exit status {REJECTED_EXIT} (--fail-on-rejected)",
+                file=sys.stderr,
+            )
+            sys.exit(REJECTED_EXIT)
 
 
 def use_project_code(root: Path) -> None:
@@ -109,38 +126,131 @@ def _run(arguments: argparse.Namespace) -> None:
         name = signal.Signals(signum).name
         print(f"interrupted by {name}: {_stopped(stop, phase[0])}", file=sys.stderr)
         sys.exit(128 + signum)  # the shell's convention: 130 for Ctrl-C
-    for result in results:
+    for result in results.stages:
         state = "ran" if result.ran else "up to date (DVC cache)"
         print(f"{result.stage}: {state} ({result.seconds:.1f}s)")
+    for line in _where_to_look(arguments, results):
+        print(line)
 
 
-def _run_flow(arguments: argparse.Namespace, phase: list[str]) -> list[Any]:
+@dataclass(frozen=True)
+class _RunOutcome:
+    """What a finished ``graft run`` reports: the ``stages`` (StageResult, in order), the run's
+    ``url`` in the Prefect UI (None on a temporary server, which is gone once the run ends) and
+    whether the run covered ``every_stage`` of dvc.yaml."""
+
+    stages: list[Any]
+    url: str | None
+    every_stage: bool
+
+
+def _run_flow(arguments: argparse.Namespace, phase: list[str]) -> _RunOutcome:
     """The pipeline flow as ``graft run`` runs it, against a temporary Prefect server when
-    PREFECT_API_URL is not set; ``phase[0]`` says how far it got. Returns the stage results.
-    Raises GraftError, with the one line that says why, for a failed stage, a refused param
-    or placement, a busy workspace, or a server that did not start."""
+    PREFECT_API_URL is not set; ``phase[0]`` says how far it got. Raises GraftError, before any
+    work, for stage names that are not dvc.yaml's (see :func:`_publish_stage`), and, with the
+    one line that says why, for a failed stage, a refused param or placement, a busy
+    workspace, or a server that did not start."""
     use_project_code(arguments.root)
+    publish_stage, stage_names = _publish_stage(arguments)
+    from prefect.utilities.urls import url_for  # Prefect only when asked for
+
     from flows.failures import first_line
-    from flows.local_server import ServerDidNotStart, run_api  # Prefect only when asked for
+    from flows.local_server import ServerDidNotStart, run_api
     from flows.pipeline import EXPECTED_FAILURES, pipeline
 
+    flow_runs: list[Any] = []  # the flow run, for its URL: the call returns only its result
+
+    def remember_the_run_for_its_url(flow: object, flow_run: object, state: object) -> None:
+        flow_runs.append(flow_run)
+
+    flow = pipeline.with_options(
+        on_completion=[*pipeline.on_completion_hooks, remember_the_run_for_its_url]
+    )
     log = arguments.root / ".graft" / "prefect-server.log"
     try:
-        with run_api(log, announce=lambda line: print(line, file=sys.stderr)):
+        with run_api(log, announce=lambda line: print(line, file=sys.stderr)) as temporary:
             phase[0] = "the flow run is marked Crashed"
-            results = pipeline(
+            results = flow(
                 root=str(arguments.root),
                 stages=arguments.stages or None,
                 force=arguments.force,
                 publish=arguments.publish,
                 publish_bump=arguments.bump,
-                publish_stage=arguments.stage,
+                publish_stage=publish_stage,
             )
             phase[0] = "after the flow run finished"
+            # Prefect's own URL of the run, from PREFECT_UI_URL (or PREFECT_API_URL's server)
+            url = url_for(flow_runs[0]) if flow_runs and temporary is None else None
     except (*EXPECTED_FAILURES, ServerDidNotStart) as error:
         # The stage's output and the run's log said the rest: the last line says why.
         raise GraftError(first_line(error)) from None
-    return results if isinstance(results, list) else []
+    stages = results if isinstance(results, list) else []
+    every_stage = not arguments.stages or {r.stage for r in stages} >= set(stage_names)
+    return _RunOutcome(stages, url or None, every_stage)
+
+
+def _publish_stage(arguments: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """The registry stage ``graft run`` assigns with --publish, and dvc.yaml's stage names
+    (in DVC's order; read only when stage names were given, else empty).
+
+    Raises GraftError in one line, before any work: for a stage name that dvc.yaml lacks
+    (naming the ones it has), for a DVC stage given as --stage (the deprecated name of
+    --publish-stage, which warns), and for --publish-stage without --publish.
+    """
+    publish_stage = arguments.publish_stage
+    stage_names: list[str] = []
+    if arguments.stages or arguments.stage is not None:
+        from dvc.exceptions import DvcException
+
+        from flows.stages import stage_order
+
+        try:
+            stage_names = stage_order(arguments.root)
+        except DvcException as error:
+            raise GraftError(f"{arguments.root.resolve()}: {error}") from None
+    unknown = [name for name in arguments.stages if name not in stage_names]
+    if unknown:
+        close = get_close_matches(unknown[0], stage_names, n=1)
+        raise GraftError(
+            f"{arguments.root / 'dvc.yaml'} has no stage {' or '.join(map(repr, unknown))}"
+            f"{f' (did you mean {close[0]}?)' if close else ''}; "
+            f"its stages: {', '.join(stage_names)}"
+        )
+    if arguments.stage is not None:
+        if arguments.stage in stage_names:
+            raise GraftError(
+                f"--stage {arguments.stage} names a DVC stage: give DVC stages as arguments "
+                f"(graft run {arguments.stage}); --publish-stage (formerly --stage) is the "
+                "registry stage, such as dev or prod, that --publish assigns"
+            )
+        if publish_stage is not None:
+            raise GraftError("give --publish-stage only: --stage is its deprecated name")
+        print(
+            "warning: --stage is deprecated: use --publish-stage (the registry stage, such as "
+            "dev or prod, that --publish assigns)",
+            file=sys.stderr,
+        )
+        publish_stage = arguments.stage
+    if publish_stage is not None and not arguments.publish:
+        raise GraftError(
+            f"--publish-stage {publish_stage} assigns a registry stage to the version that "
+            "--publish makes: add --publish"
+        )
+    return publish_stage, stage_names
+
+
+def _where_to_look(arguments: argparse.Namespace, outcome: _RunOutcome) -> list[str]:
+    """The lines that end a successful ``graft run``: where its run and its model card are."""
+    lines = []
+    if outcome.url:
+        lines.append(f"the run in the Prefect UI: {outcome.url}")
+    params = load_params(arguments.root / "params.yaml")
+    card = arguments.root / params.paths.registry.package / CARD_MARKDOWN
+    if outcome.every_stage and card.is_file():  # else the card may predate this run's changes
+        lines.append(f"the model card: {card}")
+        if not arguments.publish:
+            lines.append("publish it as a version: graft publish")
+    return lines
 
 
 def _stopped(stop: BaseException, phase: str) -> str:
@@ -302,29 +412,94 @@ def _command(
     description: str | None = None,
 ) -> argparse.ArgumentParser:
     """Add ``graft <name>``, run by ``handler`` with the parsed arguments; return its parser."""
-    parser = commands.add_parser(name, help=help, description=description)
+    parser = commands.add_parser(
+        name, help=help, description=description, formatter_class=HelpFormatter
+    )
     parser.set_defaults(handler=handler)
     return parser
 
 
+ROOT_HELP = "the project root: the folder holding dvc.yaml and params.yaml"
+
+RUN_DESCRIPTION = """\
+Runs the stages of dvc.yaml as one Prefect flow run, a task per stage. DVC decides what is \
+stale, exactly as for `dvc repro`; a stage that is up to date is not run again.
+Uses the Prefect server at PREFECT_API_URL when set, otherwise a temporary local one for this \
+run. When the run succeeds, says where to look next: the run in the Prefect UI (with \
+PREFECT_API_URL) and the model card.
+
+examples:
+  graft run                                   # the whole pipeline
+  graft run finetune --force                  # finetune and what it needs, even if up to date
+  graft run --publish --publish-stage dev     # then publish the model, assigned to stage dev
+"""
+
+VERIFY_DESCRIPTION = f"""\
+Verifies every file of FOLDER, laid out as FOLDER/<class>/<image> (sub-folders allowed), as the \
+ingest stage does: a full decode through training's own path, each file in a worker process \
+under a memory and time budget. Reads only: nothing in FOLDER is changed.
+
+output, one line per file, tab-separated, after a header line:
+  path     the file, relative to FOLDER (forward slashes; bytes that are not UTF-8 as \\xNN)
+  label    its class: the folder under FOLDER that holds it
+  verdict  accepted, or why not: zero_byte, not_image, corrupt, unsupported, too_small,
+           too_large, timeout, unreadable, duplicate, label_conflict (README: Ingest verdicts)
+  reason   what exactly was wrong (for accepted files: empty, or a warning)
+  sha256   the content hash, 64 hex digits (empty when the file could not be read)
+With --json, a JSON list instead: one object per file with these five keys and bytes (file \
+size), width and height (pixels, from the header), mode and format (as Pillow names them) and \
+phash (accepted images: 64-bit perceptual hash, 16 hex digits); null where unknown.
+On stderr, one summary line: files per verdict, and hidden or stray files skipped.
+
+exit status: 0; with --fail-on-rejected, {REJECTED_EXIT} when any file is rejected (every \
+verdict but accepted and duplicate, as ingest's rejection budget counts them); 1 for an error, \
+2 for bad arguments.
+"""
+
+
 def _add_flow_commands(commands: _Subcommands[argparse.ArgumentParser]) -> None:
-    """Add ``run`` and ``serve``: the pipeline as a Prefect flow, run now or on schedules."""
+    """Add ``run``, ``serve`` and ``worker``: the pipeline as a Prefect flow, run now, on
+    schedules, or on other machines."""
     run = _command(
         commands,
         "run",
         _run,
         help="run the pipeline as a Prefect flow (one task per DVC stage)",
-        description="Uses the Prefect server at PREFECT_API_URL when set, otherwise a "
-        "temporary local one. DVC decides what is stale, exactly as for `dvc repro`.",
+        description=RUN_DESCRIPTION,
     )
-    run.add_argument("stages", nargs="*", help="only these stages (and their upstream)")
-    run.add_argument("--force", action="store_true", help="run stages even when up to date")
-    run.add_argument("--root", type=Path, default=Path("."), help="project root")
     run.add_argument(
-        "--publish", action="store_true", help="then publish the model as `graft publish` does"
+        "stages",
+        nargs="*",
+        metavar="STAGE",
+        help="only these stages of dvc.yaml and what they depend on (default: every stage); "
+        "`dvc stage list` names them, and an unknown name is refused with the list",
     )
-    run.add_argument("--bump", choices=["patch", "minor", "major"], default="patch")
-    run.add_argument("--stage", help="with --publish: assign this stage (e.g. dev, prod)")
+    run.add_argument(
+        "--force", action="store_true", help="run the stages even when DVC finds them up to date"
+    )
+    run.add_argument("--root", type=Path, default=Path("."), help=ROOT_HELP)
+    run.add_argument(
+        "--publish",
+        action="store_true",
+        help="then publish the model as the next version, as `graft publish` does",
+    )
+    run.add_argument(
+        "--bump",
+        choices=["patch", "minor", "major"],
+        default="patch",
+        help="with --publish: which part of the last version's vX.Y.Z goes up",
+    )
+    run.add_argument(
+        "--publish-stage",
+        metavar="NAME",
+        help="with --publish: also assign the new version this registry stage (e.g. dev, prod; "
+        "a GTO stage tag), not a DVC stage",
+    )
+    run.add_argument(
+        "--stage",
+        metavar="NAME",
+        help="deprecated name of --publish-stage (warns; a DVC stage name is refused)",
+    )
 
     serve = _command(
         commands,
@@ -336,7 +511,7 @@ def _add_flow_commands(commands: _Subcommands[argparse.ArgumentParser]) -> None:
         "runs here, one at a time, until stopped (SIGTERM). Their schedules are paused on the "
         "way out and restored by the next `graft serve`.",
     )
-    serve.add_argument("--root", type=Path, default=Path("."), help="project root")
+    serve.add_argument("--root", type=Path, default=Path("."), help=ROOT_HELP)
 
     worker = _command(
         commands,
@@ -350,9 +525,33 @@ def _add_flow_commands(commands: _Subcommands[argparse.ArgumentParser]) -> None:
         'stages on other machines".',
     )
     worker.add_argument("pool", help="the work pool's name (created if missing)")
-    worker.add_argument(
-        "--root", type=Path, default=Path("."), help="this machine's clone (default: .)"
-    )
+    worker.add_argument("--root", type=Path, default=Path("."), help="this machine's clone")
+
+
+DESCRIPTION = """\
+graft: a reproducible image transfer-learning pipeline. Point it at folders of images: it \
+verifies every file, splits them, pretrains a backbone, fine-tunes it for your classes, \
+evaluates the result and packages the model with a model card.
+DVC caches every stage (dvc.yaml) so that only what changed runs again; Prefect runs the stages \
+as a flow; every published version can be audited back to its images."""
+
+EPILOG = """\
+the usual workflow, in the project root:
+  graft demo                        # (re)write the built-in digits demo in data/demo
+  graft check                       # params.yaml valid, source folders found
+  dvc repro                         # run the pipeline, or: graft run (a Prefect flow run)
+  graft publish                     # version the packaged model: <name>@vX.Y.Z, a git tag
+  graft lineage show <name>@latest  # what produced it: images, params, code, weights
+
+<name> is params.yaml's register.name (digits-5-9 for the demo); your own images: set \
+ingest.sources in params.yaml. `graft <command> --help` tells each command's options."""
+
+
+def _version() -> str:
+    try:
+        return version("graft")  # the installed distribution's metadata
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -361,34 +560,80 @@ def build_parser() -> argparse.ArgumentParser:
     Parsed arguments carry ``handler``, the function that runs the chosen subcommand with
     them. Raises nothing; parsing bad arguments exits with status 2, as argparse does.
     """
-    parser = argparse.ArgumentParser(prog="graft", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="graft", description=DESCRIPTION, epilog=EPILOG, formatter_class=HelpFormatter
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"graft {_version()}", help="print the version"
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     check = _command(
         commands, "check", _check, help="validate params.yaml without running anything"
     )
-    check.add_argument("--params", type=Path, default=DEFAULT_PARAMS)
+    check.add_argument(
+        "--params", type=Path, default=DEFAULT_PARAMS, help="the params file to check"
+    )
 
     verify = _command(
         commands,
         "verify",
         _verify,
         help="verify every image of a folder in ImageFolder layout (<folder>/<class>/<image>)",
-        description="One line per file (tab-separated, or --json); a summary on stderr. "
-        "Reads only: nothing in the folder is changed.",
+        description=VERIFY_DESCRIPTION,
     )
-    verify.add_argument("folder", type=Path)
-    verify.add_argument("--json", action="store_true", help="print a JSON list of records")
-    verify.add_argument("--min-side", type=int, default=DEFAULT_MIN_SIDE)
-    verify.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
-    verify.add_argument("--decode-memory-mb", type=int, default=DEFAULT_DECODE_MEMORY_MB)
-    verify.add_argument("--decode-timeout-s", type=float, default=DEFAULT_DECODE_TIMEOUT_S)
-    verify.add_argument("--workers", type=int, default=0, help="processes (0: one per core)")
+    verify.add_argument("folder", type=Path, help="the folder: <folder>/<class>/<image>")
+    verify.add_argument(
+        "--json", action="store_true", help="print a JSON list of records instead of the table"
+    )
+    verify.add_argument(
+        "--fail-on-rejected",
+        action="store_true",
+        help=f"exit with status {REJECTED_EXIT} when any file is rejected (for scripts)",
+    )
+    verify.add_argument(
+        "--min-side",
+        type=int,
+        metavar="PIXELS",
+        default=DEFAULT_MIN_SIDE,
+        help="pixels: an image whose shorter side is below this is too_small",
+    )
+    verify.add_argument(
+        "--max-pixels",
+        type=int,
+        metavar="PIXELS",
+        default=DEFAULT_MAX_PIXELS,
+        help="pixels, width x height: an image above this is too_large, refused before decoding",
+    )
+    verify.add_argument(
+        "--decode-memory-mb",
+        type=int,
+        metavar="MIB",
+        default=DEFAULT_DECODE_MEMORY_MB,
+        help=f"MiB each decoding process may use (at least {MIN_DECODE_MEMORY_MB}); a file "
+        "that needs more is too_large",
+    )
+    verify.add_argument(
+        "--decode-timeout-s",
+        type=float,
+        metavar="SECONDS",
+        default=DEFAULT_DECODE_TIMEOUT_S,
+        help="seconds one file may take to decode; a file that takes longer gets timeout",
+    )
+    verify.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="decoding processes; 0: one per CPU core",
+    )
 
-    _add_flow_commands(commands)  # run, serve
+    _add_flow_commands(commands)  # run, serve, worker
 
     demo = _command(commands, "demo", _demo, help="(re)write the built-in digits demo images")
-    demo.add_argument("--out", type=Path, default=Path("data/demo"))
+    demo.add_argument(
+        "--out", type=Path, default=Path("data/demo"), help="the folder to write them to"
+    )
 
     add_registry_commands(commands)  # publish, lineage
     return parser

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from graft.cli.help_format import HelpFormatter
 from graft.errors import GraftError
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -172,11 +173,30 @@ def _image(arguments: argparse.Namespace) -> None:
     print(f"{arguments.out}: {len(data)} bytes, sha256 {arguments.sha256.lower()}")
 
 
+ROOT_HELP = "the project root: the git repository holding dvc.yaml and params.yaml"
+
+REF_FORMS = """\
+REF names a model version in one of these forms (NAME is params.yaml's register.name):
+  digits-5-9@v1.2.0        a published version: NAME@vX.Y.Z
+  digits-5-9@latest        the highest published version of NAME
+  digits-5-9#prod          the version assigned the stage prod (graft publish --stage prod)
+  HEAD~3                   any git revision: a commit, branch or tag, published or not
+  models/package/model.pt  a model file: the published version whose weights have its sha256
+"""
+
+
+def _parser(commands: Any, name: str, help: str, description: str | None = None) -> Any:
+    return commands.add_parser(
+        name, help=help, description=description, formatter_class=HelpFormatter
+    )
+
+
 def add_commands(commands: Any) -> None:
     """Add ``publish`` and ``lineage`` (show, which-models, diff, image) to ``commands``, the
     ``graft`` parser's subparsers; each parsed command carries its ``handler``. Raises
     argparse.ArgumentError when a command of the same name is already there."""
-    publish = commands.add_parser(
+    publish = _parser(
+        commands,
         "publish",
         help="publish the registered model as a new version (git tag in GTO's format)",
         description="Refuses unless `dvc status` is clean and the register gate passed. Pushes "
@@ -184,45 +204,71 @@ def add_commands(commands: Any) -> None:
         "params.yaml and dvc.yaml) and tags <name>@vX.Y.Z; the first version is v1.0.0. A "
         "failure at any step leaves git as it was.",
     )
-    publish.add_argument("--bump", choices=("patch", "minor", "major"), default="patch")
+    publish.add_argument(
+        "--bump",
+        choices=("patch", "minor", "major"),
+        default="patch",
+        help="which part of the last version's vX.Y.Z goes up",
+    )
     publish.add_argument("--version", help="explicit version, e.g. v2.0.0 (instead of --bump)")
-    publish.add_argument("--stage", help="also assign this stage, e.g. dev or prod")
+    publish.add_argument(
+        "--stage", metavar="NAME", help="also assign this registry stage, e.g. dev or prod"
+    )
     publish.add_argument("--no-push", action="store_true", help="do not run `dvc push`")
     publish.add_argument(
         "--allow-dirty", action="store_true", help="publish with uncommitted tracked changes"
     )
-    publish.add_argument("--root", type=Path, default=Path("."), help="project root")
+    publish.add_argument("--root", type=Path, default=Path("."), help=ROOT_HELP)
     publish.set_defaults(handler=_publish)
 
-    lineage = commands.add_parser("lineage", help="audit published model versions")
-    actions = lineage.add_subparsers(dest="action", required=True)
-    show = actions.add_parser(
+    lineage = _parser(
+        commands,
+        "lineage",
+        help="audit published model versions",
+        description="What produced a model version, which versions trained on an image, what "
+        "changed between two versions, and any ingested image byte for byte.\n\n" + REF_FORMS,
+    )
+    actions = lineage.add_subparsers(dest="action", required=True, metavar="ACTION")
+    show = _parser(
+        actions,
         "show",
         help="what produced a version: weights, params, data, sources, code, environment",
-        description="REF: name@v1.2.0, name@latest, name#prod, a git revision or a model file.",
+        description=REF_FORMS,
     )
-    show.add_argument("ref")
-    which = actions.add_parser(
+    show.add_argument("ref", metavar="REF", help="the version: see the forms above")
+    which = _parser(
+        actions,
         "which-models",
         help="every published version whose data held an image, and in which split",
-        description="IMAGE: an image file (hashed) or a sha256. Builds or updates the index "
-        "(paths.register.lineage_index) for versions it has not seen or could not read.",
+        description="Builds or updates the index (paths.register.lineage_index) for versions "
+        "it has not seen or could not read.",
     )
-    which.add_argument("image")
-    diff = actions.add_parser("diff", help="images, params, code and metrics from A to B")
-    diff.add_argument("a")
-    diff.add_argument("b")
-    image = actions.add_parser(
+    which.add_argument(
+        "image", metavar="IMAGE", help="an image file (its sha256 is taken) or a sha256"
+    )
+    diff = _parser(
+        actions,
+        "diff",
+        help="images, params, code and metrics from A to B",
+        description=REF_FORMS.replace("REF names", "A and B each name"),
+    )
+    diff.add_argument("a", metavar="A", help="the earlier version: see the forms above")
+    diff.add_argument("b", metavar="B", help="the later version: see the forms above")
+    image = _parser(
+        actions,
         "image",
         help="one ingested image, byte for byte, at any revision (from the DVC cache or remote)",
-        description="SHA256: the image's content hash, as the manifest and lineage list it.",
     )
-    image.add_argument("sha256")
-    image.add_argument("--rev", default="HEAD", help="git revision or version tag (default HEAD)")
+    image.add_argument(
+        "sha256",
+        metavar="SHA256",
+        help="the image's content hash, as the manifest and lineage list it",
+    )
+    image.add_argument("--rev", default="HEAD", help="git revision or version tag")
     image.add_argument("-o", "--out", type=Path, required=True, help="file to write")
-    image.add_argument("--root", type=Path, default=Path("."), help="project root")
+    image.add_argument("--root", type=Path, default=Path("."), help=ROOT_HELP)
     image.set_defaults(handler=_image)
     for parser, handler in ((show, _show), (which, _which_models), (diff, _diff)):
         parser.add_argument("--json", action="store_true", help="print JSON")
-        parser.add_argument("--root", type=Path, default=Path("."), help="project root")
+        parser.add_argument("--root", type=Path, default=Path("."), help=ROOT_HELP)
         parser.set_defaults(handler=handler)
