@@ -74,8 +74,8 @@ def switch_epoch(history: pd.DataFrame) -> int | None:
     pretraining history, or fine-tuning with ``unfreeze.blocks: 0`` or stopped before it.
     """
     phases = history["phase"].tolist()
-    for before, row in zip(phases, range(1, len(phases)), strict=False):
-        if before == HEAD and phases[row] == UNFREEZE:
+    for row in range(1, len(phases)):
+        if phases[row - 1] == HEAD and phases[row] == UNFREEZE:
             return int(history["epoch"].iloc[row])
     return None
 
@@ -111,9 +111,9 @@ def training_curves(histories: Mapping[str, pd.DataFrame], destination: Path) ->
                 style = {"color": colour, "marker": "o", "markersize": 3, "label": name}
                 loss_axes.plot(epochs, history[f"{split}_loss"], **style)
                 accuracy_axes.plot(epochs, history[f"{split}_accuracy"], **style)
-            # A log scale, not clipped limits: an early spike (pretrain's epoch-2 validation loss
-            # is 40 times its later values on the demo) stays visible without flattening the
-            # rest, and every point is still drawn where it is.
+            # A log scale, not clipped limits: an early spike (on the demo, pretrain's epoch-2
+            # validation loss is over a hundred times its later values) stays in view without
+            # flattening the rest, and every point is still drawn where it is.
             loss_axes.set_yscale("log")
             loss_axes.set_ylabel("cross-entropy (nats per image, log scale)")
             accuracy_axes.set_ylabel("accuracy")
