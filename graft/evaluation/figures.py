@@ -189,7 +189,7 @@ def confusion_matrix(predictions: pd.DataFrame, destination: Path) -> None:
         raise ValueError("no predictions to draw a confusion matrix of")
     actual = predictions["actual"].astype(str)
     predicted = predictions["predicted"].astype(str)
-    classes = sorted(set(actual) | set(predicted))
+    classes = _classes(predictions)
     right = float((actual == predicted).mean())
     side = min(4.0 + 0.6 * len(classes), 24.0)  # cells stay readable as classes grow
     with _style({"axes.grid": False}):
@@ -260,8 +260,8 @@ def roc_curve(
     """The ROC curve (``fpr``, ``tpr`` columns) with the chance diagonal, when ``roc`` has rows.
 
     evaluate writes ROC rows only for two classes; with more there is nothing to draw, and
-    this writes nothing (no empty panel) and returns False. ``auc`` goes in the title and
-    ``positive`` (the positive class) in the axis names when given. Returns True when it wrote
+    this writes nothing (no empty panel) and returns False. ``auc`` and ``positive`` (the
+    positive class) go in the title when given. Returns True when it wrote
     ``destination``; raises OSError when writing fails.
     """
     if roc.empty:
@@ -270,17 +270,16 @@ def roc_curve(
         figure = Figure(figsize=(6, 6), layout="constrained")
         panel = figure.subplots()
         panel.plot([0, 1], [0, 1], color="black", linestyle="--", linewidth=1, label="chance")
-        panel.plot(
-            roc["fpr"], roc["tpr"], color=TRAIN_COLOUR, drawstyle="steps-post", label="model"
-        )
-        of = "" if positive is None else f" (positive class: {positive})"
-        panel.set_xlabel(f"false positive rate{of}")
+        # Straight lines between the points, as the AUC's trapezoids are.
+        panel.plot(roc["fpr"], roc["tpr"], color=TRAIN_COLOUR, label="model")
+        panel.set_xlabel("false positive rate")
         panel.set_ylabel("true positive rate (recall)")
         panel.set_xlim(0, 1)
         panel.set_ylim(0, 1.02)
         panel.set_aspect("equal")
         score = "" if auc is None else f": AUC {auc:.3f}"
-        panel.set_title(f"ROC curve{score}", loc="left")
+        of = "" if positive is None else f", positive class {positive}"
+        panel.set_title(f"ROC curve{score}{of}", loc="left")
         panel.legend(loc="lower right")
         _save(figure, destination)
     return True
@@ -307,7 +306,7 @@ def write_figures(
     if not isinstance(gain, Mapping):
         raise KeyError("transfer_gain")
     ece, auc = metrics.get("ece"), metrics.get("roc_auc")
-    classes = sorted(set(predictions["actual"].astype(str)) | set(predictions["predicted"]))
+    classes = _classes(predictions)
     positive = classes[1] if len(classes) == 2 else None  # evaluate's: the second in sorted order
     with atomic_path(folder, directory=True) as temporary:
         training_curves(histories, temporary / TRAINING_CURVES)
@@ -321,6 +320,12 @@ def write_figures(
         drew_roc = roc_curve(roc, score, positive, temporary / ROC)
         names = [TRAINING_CURVES, TRANSFER, CONFUSION, RELIABILITY] + ([ROC] if drew_roc else [])
     return [folder / name for name in names]
+
+
+def _classes(predictions: pd.DataFrame) -> list[str]:
+    """The class names in either column of a predictions table, sorted as text."""
+    columns = (predictions[column].astype(str) for column in ("actual", "predicted"))
+    return sorted(set().union(*columns))
 
 
 @contextmanager
