@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 from helpers import run, tiny_params
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from graft.config.params import Common, Evaluate, ParamsError, parse_params
 from graft.evaluation.evaluate import (
@@ -27,7 +27,15 @@ from graft.evaluation.evaluate import (
     roc,
     transfer_gain,
 )
-from graft.evaluation.misclassified import CAPTION, CELL, HEADER, PAD, grid_size, write_grid
+from graft.evaluation.misclassified import (
+    CAPTION,
+    CELL,
+    HEADER,
+    PAD,
+    grid_size,
+    shorten_middle,
+    write_grid,
+)
 from graft.training.checkpoints import CheckpointError, CheckpointMeta, save_checkpoint
 from graft.training.models import build_model
 
@@ -247,6 +255,38 @@ def test_grid_width_never_depends_on_the_mistakes(tmp_path: Path) -> None:
     assert len({width for width, _ in sizes.values()}) == 1  # one width for every count
     assert sizes[1][1] == sizes[4][1] < sizes[5][1] < sizes[9][1]  # four cells to a row
     assert rendered_size(9, limit=3) == grid_size(3) == sizes[3]  # only ``limit`` are drawn
+
+
+def test_each_tile_names_the_file_it_came_from(tmp_path: Path) -> None:
+    dataset = tmp_path / "ingested"
+    sha = store(dataset, Image.new("RGB", (8, 8), "black"))
+
+    def source_line(path: str) -> np.ndarray:
+        table = pd.DataFrame(
+            {"sha256": [sha], "path": [path], "actual": ["a"], "predicted": ["b"],
+             "confidence": [0.9]}
+        )  # fmt: skip
+        write_grid(tmp_path / "grid.png", table, dataset, limit=16)
+        with Image.open(tmp_path / "grid.png") as grid:
+            # The first caption line under the tile: the file's path in its source.
+            pixels = np.asarray(grid.convert("L"))
+            return pixels[HEADER + CELL : HEADER + CELL + 14, PAD : PAD + CELL + PAD]
+
+    short, other = source_line("a/1.png"), source_line("a/2.png")
+    assert short.min() < 160  # drawn
+    assert not np.array_equal(short, other)  # and it is the path that is drawn
+    long = source_line("a/" + "very-long-folder-name/" * 5 + "scan-0042.png")
+    assert long.min() < 160 and long[:, CELL:].min() == 255  # cut to the tile's width
+
+
+def test_a_long_path_keeps_both_ends() -> None:
+    draw = ImageDraw.Draw(Image.new("RGB", (10, 10)))
+    font = ImageFont.load_default(size=12)
+    path = "cats/" + "holiday-2019-beach-" * 6 + "IMG_0042.jpg"
+    short = shorten_middle(draw, path, CELL, font)
+    assert short.startswith("cats/") and short.endswith(".jpg") and "…" in short
+    assert draw.textlength(short, font=font) <= CELL
+    assert shorten_middle(draw, "cats/1.jpg", CELL, font) == "cats/1.jpg"  # fits: as is
 
 
 def test_grid_says_so_when_nothing_is_misclassified(tmp_path: Path) -> None:

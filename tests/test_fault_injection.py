@@ -43,7 +43,8 @@ pytestmark = pytest.mark.slow
 # The scan is killed too: its window (DVC's start-up, then the scan's second or so) can land
 # while it runs, and it writes both its output and ingest's stat cache, which it reads through.
 STAGES = [
-    SCAN_STAGE, "ingest", "split", "pretrain", "finetune", "baseline", "evaluate", "register"
+    SCAN_STAGE, "ingest", "split", "pretrain", "finetune", "baseline", "evaluate", "figures",
+    "register",
 ]  # fmt: skip
 TRAINING = {"pretrain", "finetune", "baseline"}
 KILLS = 2  # per stage; a training stage's last lands right after an epoch's state is saved

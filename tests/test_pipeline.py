@@ -2,7 +2,8 @@
 
 Proves the caching contract: only the scan of the source folders (dvc.yaml's one
 ``always_changed`` stage) re-runs when nothing changed, a finetune parameter re-runs exactly
-finetune -> evaluate -> register, and a new image re-runs everything from ingest.
+finetune and baseline -> evaluate -> figures -> register, and a new image re-runs everything
+from ingest.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from helpers import SCAN_STAGE, pipeline_is_current, run
 pytestmark = pytest.mark.slow
 
 ALL_STAGES = [
-    SCAN_STAGE, "ingest", "split", "pretrain", "finetune", "baseline", "evaluate", "register"
+    SCAN_STAGE, "ingest", "split", "pretrain", "finetune", "baseline", "evaluate", "figures",
+    "register",
 ]  # fmt: skip
 
 
@@ -74,7 +76,8 @@ def test_repro_runs_every_stage_then_only_what_changed(dvc_project: Path, source
     # (baseline runs the same finetune recipe from random weights, so it reads them too.)
     ran = repro(repo)
     assert ran[0] == SCAN_STAGE
-    assert sorted(ran[1:3]) == ["baseline", "finetune"] and ran[3:] == ["evaluate", "register"]
+    assert sorted(ran[1:3]) == ["baseline", "finetune"]
+    assert ran[3:] == ["evaluate", "figures", "register"]
 
     # A new image in a source folder outside the repository: re-run from ingest.
     new_image = sources / "target" / "8" / "new-scan.png"

@@ -19,6 +19,7 @@ from pydantic import AfterValidator, Field, ValidationError, field_validator
 
 from graft.config.paths import (
     EvaluatePaths,
+    FiguresPaths,
     IngestPaths,
     Paths,
     RegisterPaths,
@@ -62,6 +63,7 @@ __all__ = [
     "Distributed",
     "Evaluate",
     "EvaluatePaths",
+    "FiguresPaths",
     "Finetune",
     "Fractions",
     "HeadPhase",

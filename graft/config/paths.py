@@ -64,6 +64,13 @@ class EvaluatePaths(StrictModel):
     misclassified: Path
 
 
+class FiguresPaths(StrictModel):
+    """``paths.figures``: the folder of PNG figures (training curves, transfer, confusion
+    matrix, reliability diagram, ROC with two classes), DVC image plots."""
+
+    folder: Path
+
+
 class RegisterPaths(StrictModel):
     """``paths.register``: the model package folder and ``graft lineage``'s index.
 
@@ -89,6 +96,7 @@ class Paths(StrictModel):
     finetune: TrainPaths
     baseline: TrainPaths  # the finetune recipe from random weights
     evaluate: EvaluatePaths
+    figures: FiguresPaths
     # "register" would shadow BaseModel.register (from ABCMeta); the YAML key stays "register".
     registry: RegisterPaths = Field(alias="register")
     decoded: Path

@@ -19,7 +19,7 @@ from graft.data.store import ImageStore
 
 COLUMNS = 4  # the grid is always this many cells wide, so its width never depends on the data
 CELL = 96  # pixels of the square each image is fitted into
-CAPTION = 30  # two lines of text under each image
+CAPTION = 44  # three lines of text under each image: source file, true label, prediction
 PAD = 8
 HEADER = 28
 EMPTY_BODY = 40  # height of the message area when nothing is misclassified
@@ -53,6 +53,10 @@ def grid_size(images: int) -> tuple[int, int]:
 def render_grid(predictions: pd.DataFrame, dataset: Path, limit: int) -> Image.Image:
     """The grid of at most ``limit`` most confident mistakes among ``predictions``.
 
+    Each image is labelled with the file it came from (its ``path`` relative to its source
+    folder, shortened in the middle when long), its true label, and the prediction with its
+    confidence.
+
     Images are read from the ingested ``dataset`` folder's store by hash. Returns an RGB image
     of :func:`grid_size` for the number of mistakes shown, with a line saying that nothing was
     misclassified when nothing was. Raises GraftError (StoreError) when a shown image is
@@ -78,13 +82,15 @@ def render_grid(predictions: pd.DataFrame, dataset: Path, limit: int) -> Image.I
         offset = ((CELL - thumbnail.width) // 2, (CELL - thumbnail.height) // 2)
         draw.rectangle((left, top, left + CELL - 1, top + CELL - 1), fill=(230, 230, 230))
         canvas.paste(thumbnail, (left + offset[0], top + offset[1]))
+        source_line = shorten_middle(draw, str(row.path), CELL, font)
         true_line = _fit(draw, f"true: {row.actual}", CELL, font)
         # Long class names are cut, never the confidence.
         confidence = f" ({row.confidence:.0%})"
         room = CELL - int(draw.textlength(confidence, font=font))
         predicted_line = _fit(draw, f"pred: {row.predicted}", room, font) + confidence
-        draw.text((left, top + CELL + 2), true_line, "black", font)
-        draw.text((left, top + CELL + 16), predicted_line, (180, 0, 0), font)
+        draw.text((left, top + CELL + 2), source_line, (90, 90, 90), font)
+        draw.text((left, top + CELL + 16), true_line, "black", font)
+        draw.text((left, top + CELL + 30), predicted_line, (180, 0, 0), font)
     return canvas
 
 
@@ -106,6 +112,23 @@ def _thumbnail(data: bytes) -> Image.Image:
     enlarge = rgb.width <= CELL and rgb.height <= CELL
     method = Image.Resampling.NEAREST if enlarge else Image.Resampling.LANCZOS
     return ImageOps.contain(rgb, (CELL, CELL), method)
+
+
+def shorten_middle(draw: ImageDraw.ImageDraw, text: str, width: int, font: Font) -> str:
+    """``text`` as is when it fits in ``width`` pixels, else its start and end around an ellipsis.
+
+    Cut in the middle, not at the end: a file's class folder and its name's end (numbers,
+    extension) tell files apart, and a long path shares its middle with its neighbours.
+    """
+    if draw.textlength(text, font=font) <= width:
+        return text
+    head, tail = text[: len(text) // 2], text[len(text) // 2 :]
+    while (head or tail) and draw.textlength(f"{head}…{tail}", font=font) > width:
+        if len(head) >= len(tail):  # drop from the longer side, keeping both ends
+            head = head[:-1]
+        else:
+            tail = tail[1:]
+    return f"{head}…{tail}"
 
 
 def _fit(draw: ImageDraw.ImageDraw, text: str, width: int, font: Font) -> str:
