@@ -222,8 +222,7 @@ def render_summary(
             f"## {role}",
             "",
             f"{role_counts['files']} files seen: {role_counts['accepted']} accepted, "
-            f"{role_counts['rejected']} rejected, {_plural(role_counts['duplicates'], 'duplicate')}"
-            " (kept once).",
+            f"{role_counts['rejected']} rejected, {_duplicates(role_counts['duplicates'])}.",
         ]
         skipped = report.folder.skipped
         if skipped:
@@ -265,8 +264,9 @@ def _budget_line(role: str, counts: dict[str, Any], budget: float) -> str:
     )
 
 
-def _plural(count: int, noun: str) -> str:
-    return f"{count} {noun}" + ("" if count == 1 else "s")
+def _duplicates(count: int) -> str:
+    """How many duplicates, saying that each was kept once when there are any."""
+    return "0 duplicates" if count == 0 else f"{count} duplicate{'s' * (count > 1)} (kept once)"
 
 
 def ingest(

@@ -196,7 +196,7 @@ def ingest_lines(data: dict[str, Any]) -> list[str]:
         lines.append(
             f"- Ingest ({role}): {seen}{accepted['total']} accepted, "
             f"{_plural(rejected, 'file')} rejected{why}, "
-            f"{_plural(duplicates.get(role, 0), 'duplicate')} skipped (kept once)"
+            f"{_duplicates(duplicates.get(role, 0))}"
         )
     return lines
 
@@ -240,6 +240,11 @@ def _names(names: list[str]) -> str:
     shown = ", ".join(names[:LISTED_CLASSES])
     more = len(names) - LISTED_CLASSES
     return f"{shown} and {more} more" if more > 0 else shown
+
+
+def _duplicates(count: int) -> str:
+    """How many duplicates were skipped, saying that each was kept once when there are any."""
+    return _plural(count, "duplicate") + (" skipped (kept once)" if count else " skipped")
 
 
 def _plural(count: int, noun: str) -> str:
