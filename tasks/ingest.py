@@ -29,14 +29,17 @@ def main() -> None:
     manifest, reports = ingest(params.ingest, paths.dataset, paths.cache)
     rejected = manifest[manifest["verdict"] != "accepted"]
     atomic.write_csv(paths.rejected, rejected)
-    atomic.write_text(paths.summary, render_summary(manifest, reports))
+    atomic.write_text(
+        paths.summary, render_summary(manifest, reports, params.ingest, paths.rejected)
+    )
     summary = summarise(reports)
     atomic.write_json(paths.metrics, summary)
     for role, counts in summary.items():
         print(
             f"ingest {role}: {counts['files']} files, {counts['accepted']} accepted in "
             f"{counts['classes']} classes, {counts['rejected']} rejected, "
-            f"{counts['skipped']} skipped; {reports[role].folder.decoded} decoded, "
+            f"{counts['duplicates']} duplicates, {counts['skipped']} skipped; "
+            f"{reports[role].folder.decoded} decoded, "
             f"{counts['files'] - reports[role].folder.decoded} verdicts reused from the cache",
             file=sys.stderr,
         )

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from helpers import ROOT, run, tiny_params
 
-from graft.config.params import parse_params
+from graft.config.params import ROLES, parse_params
 from graft.data.ingest import IngestError, ingest, render_summary, summarise
 from graft.data.layout import manifest_path, read_manifest
 from graft.data.store import ImageStore, read_index
@@ -33,12 +33,72 @@ def test_dataset_holds_each_accepted_image_once_by_content(sources: Path, tmp_pa
     assert sorted(read_index(tmp_path / "ingested")["sha256"]) == sorted(set(accepted["sha256"]))
     assert read_manifest(tmp_path / "ingested").equals(manifest)  # schema-checked round trip
 
-    summary = render_summary(manifest, reports)
+    summary = render_summary(manifest, reports, params.ingest, REJECTED)
     target = markdown_rows(summary.split("## target")[1])
     assert target[0] == ["class", "accepted", "zero_byte", "not_image", "corrupt"]
     assert target[1] == ["5", "12", "0", "0", "1"]  # the truncated PNG is in class 5
     assert [row[0] for row in target[1:]] == ["5", "6", "7", "8", "9"]
-    assert markdown_rows(summary.split("## target")[0])[0][0] == "class"  # pretrain's table
+    assert markdown_rows(summary.split("## pretrain")[1])[0][0] == "class"  # pretrain's table
+
+
+REJECTED = Path("reports/ingest/rejected.csv")
+
+
+def test_summary_states_totals_budget_skipped_files_and_where_the_rejected_list_is(
+    sources: Path, tmp_path: Path
+) -> None:
+    for name in (".DS_Store", "Thumbs.db"):  # hidden and system files are skipped, not read
+        (sources / "target" / "5" / name).write_bytes(b"\0")
+    params = parse_params(tiny_params(sources))
+    manifest, reports = ingest(params.ingest, tmp_path / "ingested", tmp_path / "cache")
+    summary = render_summary(manifest, reports, params.ingest, REJECTED)
+    head = summary.split("## pretrain")[0]
+
+    totals = markdown_rows(head)
+    assert totals[0] == ["role", "files seen", "accepted", "rejected", "duplicates", "skipped"]
+    expected: dict[str, tuple[int, int, int, int]] = {}
+    for role, report in reports.items():
+        verdicts = manifest.loc[manifest["role"] == role, "verdict"]
+        files, accepted = len(verdicts), int((verdicts == "accepted").sum())
+        duplicates = int((verdicts == "duplicate").sum())
+        expected[role] = (files, accepted, files - accepted - duplicates, duplicates)
+        skipped = sum(report.folder.skipped.values())
+        assert [role, *map(str, expected[role]), str(skipped)] in totals
+    assert expected["pretrain"][3] > 0  # the demo's rescanned digit: a duplicate, not an error
+    files_target, _, rejected_target, duplicates_target = expected["target"]
+    assert rejected_target > 0 and duplicates_target == 0
+
+    for role in ROLES:
+        files, _, rejected, _ = expected[role]
+        budget = params.ingest.sources.for_role(role).max_reject_fraction
+        assert rejected / files <= budget
+        assert (
+            f"- {role}: rejected {rejected} of {files} files ({rejected / files:.1%}); budget "
+            f"{budget:.1%} (`ingest.sources.{role}.max_reject_fraction`): within"
+        ) in head
+    assert f"with its verdict and reason: `{REJECTED}`." in head
+
+    pretrain = summary.split("## pretrain")[1].split("## target")[0]
+    files, accepted, rejected, duplicates = expected["pretrain"]
+    assert (
+        f"{files} files seen: {accepted} accepted, {rejected} rejected, {duplicates} duplicate"
+    ) in pretrain
+    assert "Skipped: none." in pretrain
+    assert reports["target"].folder.skipped == {"hidden or system file": 2}
+    assert "Skipped: hidden or system file: 2." in summary.split("## target")[1]
+
+    counts = summarise(reports)
+    for role, (files, _, rejected, duplicates) in expected.items():
+        assert (counts[role]["rejected"], counts[role]["duplicates"]) == (rejected, duplicates)
+        assert counts[role]["rejected_fraction"] == rejected / files
+
+    # The line says so when a source is over its budget (the stage then fails, but the words
+    # must not depend on that).
+    raw = tiny_params(sources)
+    raw["ingest"]["sources"]["target"]["max_reject_fraction"] = rejected_target / files_target / 2
+    over = render_summary(manifest, reports, parse_params(raw).ingest, REJECTED)
+    assert "(`ingest.sources.target.max_reject_fraction`): over" in over
+    assert "(`ingest.sources.pretrain.max_reject_fraction`): within" in over
 
 
 def markdown_rows(text: str) -> list[list[str]]:
@@ -69,7 +129,9 @@ def test_a_warm_cache_changes_nothing_but_speed(sources: Path, tmp_path: Path) -
     warm_manifest, warm = ingest(params.ingest, tmp_path / "warm", tmp_path / "cache")
     assert warm["target"].folder.decoded == 0 < cold["target"].folder.decoded
     assert warm_manifest.equals(cold_manifest)
-    assert render_summary(warm_manifest, warm) == render_summary(cold_manifest, cold)
+    assert render_summary(warm_manifest, warm, params.ingest, REJECTED) == render_summary(
+        cold_manifest, cold, params.ingest, REJECTED
+    )
 
     def listing(folder: Path) -> list[Path]:
         return sorted(path.relative_to(folder) for path in folder.rglob("*"))
@@ -112,7 +174,8 @@ def test_with_lost_class_warn_ingest_goes_on_and_reports_them(
     counts = summarise(reports)
     assert counts["target"]["lost_classes"] == 2 and counts["pretrain"]["lost_classes"] == 0
     assert counts["target"]["classes"] == 5  # the classes that kept images
-    summary = render_summary(manifest, reports).split("## target")[1]
+    summary = render_summary(manifest, reports, parse_params(raw).ingest, REJECTED)
+    summary = summary.split("## target")[1]
     assert "- Warning: class 'empty class' has no accepted image and is left out" in summary
     assert "- Warning: class 'ghost' has no accepted image and is left out: all 3" in summary
 

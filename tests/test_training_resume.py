@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -10,6 +11,7 @@ import torch
 from pydantic import BaseModel
 
 from graft.config.params import Params, TrainPaths
+from graft.training.device import resolve_device
 from graft.training.finetune import finetune
 from graft.training.history import EpochResult
 from graft.training.loop import Interrupted
@@ -63,3 +65,8 @@ def test_an_interrupted_baseline_resumes_to_the_uninterrupted_result(
     for name, tensor in resumed.model.state_dict().items():
         assert torch.equal(tensor, expected[name]), name
     assert out.checkpoint.is_file() and not out.resume.exists()  # the state is cleared
+    # The metrics say where it trained: the setting (here "cpu"; often "auto") does not.
+    recorded = json.loads(out.metrics.read_text())
+    assert recorded["best_epoch"] == whole.meta.epoch
+    assert recorded["device"] == resolve_device(params.common.device).type == "cpu"
+    assert "device_name" not in recorded  # a GPU's model name, for CUDA only

@@ -66,20 +66,32 @@ def build_manifest(reports: dict[str, SourceReport]) -> pd.DataFrame:
     return schemas.validate(frame, schemas.MANIFEST, where="ingest")
 
 
+def budget_rejections(report: FolderReport) -> list[FileRecord]:
+    """The records of a source that use up its rejection budget: every verdict but
+    ``accepted`` and ``duplicate`` (a second copy of an accepted file is benign), in path
+    order."""
+    return [record for record in report.records if record.verdict not in NOT_COUNTED]
+
+
+def rejected_fraction(report: FolderReport) -> float:
+    """The fraction (0 to 1) of a source's files that :func:`budget_rejections` counts; 0 for
+    a source with no file. Skipped files are not among its files."""
+    seen = len(report.records)
+    return len(budget_rejections(report)) / seen if seen else 0.0
+
+
 def check_reject_budget(role: str, report: FolderReport, budget: float) -> None:
     """Fail when too many of a source's files are bad (duplicates are benign, not counted).
 
     ``budget`` is the largest allowed fraction of the source's files (0 to 1). Raises
     IngestError naming the fraction, the budget's key and the three most common verdicts.
     """
-    bad = [r for r in report.records if r.verdict not in NOT_COUNTED]
-    seen = len(report.records)
-    fraction = len(bad) / seen if seen else 0.0
+    fraction = rejected_fraction(report)
     if fraction > budget:
-        top = Counter(r.verdict for r in bad).most_common(3)
+        top = Counter(r.verdict for r in budget_rejections(report)).most_common(3)
         reasons = ", ".join(f"{verdict}: {count}" for verdict, count in top)
         raise IngestError(
-            f"source {role!r}: {fraction:.1%} of {seen} files rejected, over "
+            f"source {role!r}: {fraction:.1%} of {len(report.records)} files rejected, over "
             f"ingest.sources.{role}.max_reject_fraction = {budget:.1%} (top reasons: {reasons})"
         )
 
@@ -125,11 +137,13 @@ def check_lost_classes(role: str, lost: dict[str, str], setting: str) -> None:
 def summarise(reports: dict[str, SourceReport]) -> dict[str, dict[str, Any]]:
     """Counts per role: files, verdicts, accepted images per class (the metrics file).
 
-    Returns ``{role: {files, accepted, rejected, skipped, classes, lost_classes, verdicts,
-    accepted_per_class, accepted_with_warning}}``: ``classes`` counts the classes that kept an
-    image,
-    ``lost_classes`` the class folders that kept none; ``verdicts`` holds every verdict of
-    schemas.VERDICTS (0 when none).
+    Returns ``{role: {files, accepted, rejected, duplicates, rejected_fraction, skipped,
+    classes, lost_classes, verdicts, accepted_per_class, accepted_with_warning}}``: ``files``
+    is every file verified (accepted + rejected + duplicates; skipped files are not among
+    them), ``rejected`` the files whose verdict is an error (what the rejection budget counts;
+    duplicates are counted apart, as ``duplicates``), ``rejected_fraction`` their fraction of
+    ``files`` (0 to 1), ``classes`` the classes that kept an image, ``lost_classes`` the class
+    folders that kept none; ``verdicts`` holds every verdict of schemas.VERDICTS (0 when none).
     """
     summary: dict[str, dict[str, Any]] = {}
     for role, report in reports.items():
@@ -140,7 +154,9 @@ def summarise(reports: dict[str, SourceReport]) -> dict[str, dict[str, Any]]:
         summary[role] = {
             "files": len(records),
             "accepted": len(accepted),
-            "rejected": len(records) - len(accepted),
+            "rejected": len(budget_rejections(report.folder)),
+            "duplicates": verdicts.get("duplicate", 0),
+            "rejected_fraction": rejected_fraction(report.folder),
             "skipped": sum(report.folder.skipped.values()),
             "classes": len(per_class),
             "lost_classes": len(report.lost),
@@ -164,13 +180,35 @@ def warnings_of(report: SourceReport) -> list[str]:
     return lost + [look_alike_message(group) for group in report.look_alike] + accepted
 
 
-def render_summary(manifest: pd.DataFrame, reports: dict[str, SourceReport]) -> str:
-    """The Markdown report: files per class and verdict for each role, what was skipped, and
-    warnings (lost classes, look-alike class names).
+def render_summary(
+    manifest: pd.DataFrame, reports: dict[str, SourceReport], settings: Ingest, rejected: Path
+) -> str:
+    """The Markdown report: totals per role (files seen, accepted, rejected, duplicates apart,
+    skipped), each source's rejected fraction against its budget (``settings``), where the
+    list of ``rejected`` files is, then per role files per class and verdict, what was skipped
+    and why, and warnings (lost classes, look-alike class names).
 
-    ``manifest`` is :func:`build_manifest` of ``reports``. Only verdicts that occur get a column.
+    ``manifest`` is :func:`build_manifest` of ``reports``; ``rejected`` is the path of the CSV
+    of every file not accepted, as the reader should find it (relative to the project root).
+    Only verdicts that occur get a column in a class table.
     """
-    lines = ["# Ingest summary", ""]
+    counts = summarise(reports)
+    budgets: dict[str, float] = {
+        role: settings.sources.for_role(role).max_reject_fraction for role in ROLES
+    }
+    lines = ["# Ingest summary", "", *_totals(counts), ""]
+    for role in reports:
+        lines.append(f"- {_budget_line(role, counts[role], budgets[role])}")
+    lines += [
+        "",
+        "A duplicate is the same content as an accepted file of its class: one copy is kept, "
+        "and it is not an error, so it does not count against the budget. Skipped files "
+        "(hidden or system files, linked folders, files outside a class folder) are not read "
+        "and not among the files seen.",
+        "",
+        f"Every rejected and duplicate file, with its verdict and reason: `{rejected}`.",
+        "",
+    ]
     for role, report in reports.items():
         rows = manifest[manifest["role"] == role]
         present = set(rows["verdict"].unique())  # once: a set per verdict was seconds at 250,000
@@ -179,16 +217,56 @@ def render_summary(manifest: pd.DataFrame, reports: dict[str, SourceReport]) -> 
         )
         # Only what the data determines: how many files the cache spared is logged, not
         # written, so a run with a warm cache produces the same report as a cold one.
-        lines += [f"## {role}", "", f"{len(rows)} files."]
+        role_counts = counts[role]
+        lines += [
+            f"## {role}",
+            "",
+            f"{role_counts['files']} files seen: {role_counts['accepted']} accepted, "
+            f"{role_counts['rejected']} rejected, {_duplicates(role_counts['duplicates'])}.",
+        ]
         skipped = report.folder.skipped
         if skipped:
-            counts = ", ".join(f"{reason}: {n}" for reason, n in sorted(skipped.items()))
-            lines.append(f"Skipped: {counts}.")
+            listed = ", ".join(f"{reason}: {n}" for reason, n in sorted(skipped.items()))
+            lines.append(f"Skipped: {listed}.")
+        else:
+            lines.append("Skipped: none.")
         lines += ["", class_counts_markdown(table), ""]
         warnings = warnings_of(report)
         if warnings:
             lines += [*(f"- Warning: {warning}" for warning in warnings), ""]
     return "\n".join(lines)
+
+
+def _totals(counts: dict[str, dict[str, Any]]) -> list[str]:
+    """The summary's totals table: one row per role (``counts`` is :func:`summarise`'s)."""
+    columns = {
+        "files seen": "files",
+        "accepted": "accepted",
+        "rejected": "rejected",
+        "duplicates": "duplicates",
+        "skipped": "skipped",
+    }
+    table = pd.DataFrame(
+        {header: [counts[role][key] for role in counts] for header, key in columns.items()},
+        index=list(counts),
+    )
+    return class_counts_markdown(table, index="role").splitlines()
+
+
+def _budget_line(role: str, counts: dict[str, Any], budget: float) -> str:
+    """One source's rejected fraction against its budget, for people: ``counts`` is its
+    :func:`summarise` entry and ``budget`` its ``max_reject_fraction`` (0 to 1)."""
+    verdict = "within" if counts["rejected_fraction"] <= budget else "over"
+    return (
+        f"{role}: rejected {counts['rejected']} of {counts['files']} files "
+        f"({counts['rejected_fraction']:.1%}); budget {budget:.1%} "
+        f"(`ingest.sources.{role}.max_reject_fraction`): {verdict}"
+    )
+
+
+def _duplicates(count: int) -> str:
+    """How many duplicates, saying that each was kept once when there are any."""
+    return "0 duplicates" if count == 0 else f"{count} duplicate{'s' * (count > 1)} (kept once)"
 
 
 def ingest(

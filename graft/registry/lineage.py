@@ -162,6 +162,7 @@ def _data(lock: dict[str, Any], params: dict[str, Any], card: dict[str, Any]) ->
             "manifest_sha256": hashes.get("manifest"),
             "accepted": data.get("accepted"),
             "rejected": data.get("rejected"),
+            "duplicates": data.get("duplicates"),
             "params": ingest.get("params"),
         },
     }

@@ -12,16 +12,20 @@ records them in the version's git tag instead (see graft/registry/publish.py).
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from graft import atomic
 from graft.config.params import ROLES, Params, Register
 from graft.data.layout import manifest_path
+from graft.data.schemas import SPLITS
 from graft.errors import GraftError
 from graft.hashing import file_sha256
+from graft.registry.card_markdown import render_markdown
 from graft.registry.package_layout import CARD_JSON, CARD_MARKDOWN, WEIGHTS
 from graft.training.checkpoints import load_checkpoint
 
@@ -34,22 +38,86 @@ class GateError(GraftError):
     """The model's metrics do not meet the thresholds in params (register.*)."""
 
 
+@dataclass(frozen=True)
+class GateCheck:
+    """One comparison of the gate: ``metric`` (named for people), its measured ``value`` and
+    the ``threshold`` it must reach (both 0-1), set by the params key ``param``."""
+
+    metric: str
+    value: float
+    threshold: float
+    param: str
+
+    @property
+    def passed(self) -> bool:
+        """Whether the value reaches the threshold (equal passes)."""
+        return self.value >= self.threshold
+
+    def failure(self) -> str:
+        """Why this check fails, for people: the metric, its value and the threshold."""
+        return f"{self.metric} {self.value:.4f} < {self.param} {self.threshold}"
+
+
+def gate_checks(metrics: dict[str, Any], settings: Register) -> list[GateCheck]:
+    """Every comparison the gate makes on test ``metrics`` (accuracy and per-class recall,
+    0-1) under the thresholds ``settings``: accuracy first, then each class's recall in the
+    metrics' class order. Raises KeyError when ``metrics`` lacks accuracy, per_class or a
+    class's recall."""
+    checks = [GateCheck("accuracy", metrics["accuracy"], settings.min_accuracy, _MIN_ACCURACY)]
+    for label, scores in metrics["per_class"].items():
+        checks.append(
+            GateCheck(
+                f"recall of class {label!r}",
+                scores["recall"],
+                settings.min_class_recall,
+                _MIN_CLASS_RECALL,
+            )
+        )
+    return checks
+
+
+_MIN_ACCURACY, _MIN_CLASS_RECALL = "register.min_accuracy", "register.min_class_recall"
+
+
 def gate_failures(metrics: dict[str, Any], settings: Register) -> list[str]:
     """Why a model with these test ``metrics`` (accuracy and per-class recall, 0-1) may not be
     registered under the thresholds ``settings``; empty when it passes. Raises KeyError when
     ``metrics`` lacks accuracy, per_class or a class's recall."""
-    failures = []
-    if metrics["accuracy"] < settings.min_accuracy:
-        failures.append(
-            f"accuracy {metrics['accuracy']:.4f} < register.min_accuracy {settings.min_accuracy}"
-        )
-    for label, scores in metrics["per_class"].items():
-        if scores["recall"] < settings.min_class_recall:
-            failures.append(
-                f"recall of class {label!r} {scores['recall']:.4f} < "
-                f"register.min_class_recall {settings.min_class_recall}"
-            )
-    return failures
+    return [check.failure() for check in gate_checks(metrics, settings) if not check.passed]
+
+
+def gate_record(metrics: dict[str, Any], settings: Register) -> dict[str, Any]:
+    """The card's ``gate`` section: both thresholds, whether every check passed, and the
+    checks a person reads (``checks``: test accuracy, and the lowest class recall with its
+    class; each with ``value``, ``threshold``, ``param`` and ``passed``). Raises KeyError as
+    :func:`gate_checks`, and ValueError when the metrics hold no class."""
+    checks = gate_checks(metrics, settings)
+    accuracy, recalls = checks[0], checks[1:]
+    labels = list(metrics["per_class"])
+    lowest = min(range(len(recalls)), key=lambda i: recalls[i].value)
+    shown = [
+        {"metric": "accuracy", **_check_figures(accuracy)},
+        {
+            "metric": "lowest class recall",
+            "class": labels[lowest],
+            **_check_figures(recalls[lowest]),
+        },
+    ]
+    return {
+        "min_accuracy": settings.min_accuracy,
+        "min_class_recall": settings.min_class_recall,
+        "passed": all(check.passed for check in checks),
+        "checks": shown,
+    }
+
+
+def _check_figures(check: GateCheck) -> dict[str, Any]:
+    return {
+        "value": check.value,
+        "threshold": check.threshold,
+        "param": check.param,
+        "passed": check.passed,
+    }
 
 
 def read_json(path: Path) -> Any:
@@ -59,55 +127,85 @@ def read_json(path: Path) -> Any:
 
 
 def data_summary(ingest_metrics: dict[str, Any], split_metrics: dict[str, Any]) -> dict[str, Any]:
-    """The card's data section from the ingest and split stages' metrics: accepted images per
-    role (total and per class), images per role, split and class, rejected files per role
-    and reason (reasons with none left out), and the split's near-duplicate findings (None
-    when the split metrics predate them). Raises nothing for missing counts."""
+    """The card's data section from the ingest and split stages' metrics, roles in pipeline
+    order (pretrain, target): files verified per role (``files``), accepted images per role
+    (total and per class), images per role, split and class (splits in the order train, val,
+    test), rejected files per role and reason (reasons with none left out; duplicates are not
+    rejections), duplicates per role (``duplicates``: second copies of an accepted file, kept
+    once) and the split's near-duplicate findings (None when the split metrics predate them).
+    Raises nothing for missing counts."""
+    ingested = {role: ingest_metrics[role] for role in ROLES if role in ingest_metrics}
     rejected = {
         role: {
             verdict: count
             for verdict, count in counts.get("verdicts", {}).items()
-            if verdict != "accepted" and count
+            if verdict not in ("accepted", "duplicate") and count
         }
-        for role, counts in ingest_metrics.items()
+        for role, counts in ingested.items()
+    }
+    duplicates = {
+        role: counts.get("verdicts", {}).get("duplicate", 0) for role, counts in ingested.items()
     }
     accepted = {
         role: {"total": counts.get("accepted"), "classes": counts.get("accepted_per_class", {})}
-        for role, counts in ingest_metrics.items()
+        for role, counts in ingested.items()
     }
-    splits = {role: counts for role, counts in split_metrics.items() if role in ROLES}
+    splits = {
+        role: {
+            split: split_metrics[role][split]
+            for split in sorted(split_metrics[role], key=_split_order)
+        }
+        for role in ROLES
+        if role in split_metrics
+    }
     return {
+        "files": {role: counts.get("files") for role, counts in ingested.items()},
         "accepted": accepted,
         "splits": splits,
         "rejected": rejected,
+        "duplicates": duplicates,
         "near_duplicates": split_metrics.get("near_duplicates"),
     }
 
 
-def _near_duplicate_lines(card: dict[str, Any]) -> list[str]:
-    """The card's near-duplicate findings for people; none for a card without them."""
-    found = card["data"].get("near_duplicates")
-    if not found:
-        return []
-    rule = card["params"]["split"]["near_duplicates"]
-    overlap = found["pretrain_overlap"]
-    fate = (
-        f"{overlap['excluded']} excluded from the target splits"
-        if rule["pretrain_overlap"] == "exclude"
-        else "kept in the target splits (`split.near_duplicates.pretrain_overlap: report`)"
-    )
-    lines = [
-        f"- Target images also in the pretraining corpus (identical or within "
-        f"{rule['max_distance']} bits): {overlap['images']}, {fate}"
-    ]
-    for role in ROLES:
-        role_found = found[role]
-        lines.append(
-            f"- Near-duplicate groups ({role}): {role_found['groups']} "
-            f"({role_found['images']} images), {role_found['label_conflicts']} under two "
-            "or more labels"
-        )
-    return lines
+def _split_order(split: str) -> tuple[int, str]:
+    """Train, val, test, then anything else by name."""
+    return (SPLITS.index(split), "") if split in SPLITS else (len(SPLITS), split)
+
+
+def phase_epochs(history: Path) -> dict[str, int]:
+    """Epochs run per phase of a training stage's ``history`` CSV (its ``phase`` column), in
+    the order the phases ran: ``{"head": 15, "unfreeze": 20}``. Raises OSError when the file
+    cannot be read and KeyError when it has no ``phase`` column."""
+    epochs: dict[str, int] = {}
+    with history.open(newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            epochs[row["phase"]] = epochs.get(row["phase"], 0) + 1
+    return epochs
+
+
+def training_device(metrics: dict[str, Any]) -> dict[str, str]:
+    """The device a training stage recorded in its ``metrics`` (``device``, and
+    ``device_name`` for CUDA); empty when it recorded none (trained nothing, or predates the
+    record)."""
+    return {key: metrics[key] for key in ("device", "device_name") if key in metrics}
+
+
+def backbone_training(
+    backbone_epoch: int, backbone_classes: list[str], splits: dict[str, Any]
+) -> dict[str, Any] | None:
+    """What the backbone was trained on here: the pretraining corpus (role ``pretrain``), its
+    number of classes and its images per split (``splits`` is :func:`data_summary`'s), and
+    the best epoch kept. None when ``backbone_epoch`` is 0: the pretrain stage passed its
+    starting weights through untrained."""
+    if backbone_epoch == 0:
+        return None
+    return {
+        "role": "pretrain",
+        "classes": len(backbone_classes),
+        "images": {split: counts["total"] for split, counts in splits.get("pretrain", {}).items()},
+        "best_epoch": backbone_epoch,
+    }
 
 
 def used_params(params: Params) -> dict[str, Any]:
@@ -128,13 +226,15 @@ def used_params(params: Params) -> dict[str, Any]:
 
 def model_card(params: Params, metrics: dict[str, Any]) -> dict[str, Any]:
     """The model card: everything a user of the model needs, and the hashes of what produced
-    it, from ``params`` and the test ``metrics``. Reads the checkpoints and reports the
-    params' paths name; raises CheckpointError when a checkpoint is missing or not graft's, and
-    OSError when a report is missing."""
+    it, from ``params`` and the test ``metrics`` (which must pass the gate). Reads the
+    checkpoints and reports the params' paths name; raises CheckpointError when a checkpoint
+    is missing or not graft's, and OSError when a report is missing."""
     paths = params.paths
     _, meta = load_checkpoint(paths.finetune.checkpoint)
     _, backbone = load_checkpoint(paths.pretrain.checkpoint)
     pretrained_sha256 = file_sha256(paths.pretrain.checkpoint)
+    data = data_summary(read_json(paths.ingest.metrics), read_json(paths.split.metrics))
+    stages = {"pretrain": paths.pretrain, "finetune": paths.finetune, "baseline": paths.baseline}
     return {
         "name": params.registry.name,
         "architecture": meta.arch,
@@ -148,19 +248,21 @@ def model_card(params: Params, metrics: dict[str, Any]) -> dict[str, Any]:
             "std": meta.std,
         },
         "metrics": metrics,
-        "gate": {
-            "min_accuracy": params.registry.min_accuracy,
-            "min_class_recall": params.registry.min_class_recall,
-            "passed": True,
-        },
+        "gate": gate_record(metrics, params.registry),
         "training": {
             "init": meta.init,
+            # The checkpoint the finetune stage kept: its epoch and phase (graft.training).
             "best_epoch": meta.epoch,
             "best_phase": meta.extra.get("best_phase"),
+            "epochs": phase_epochs(paths.finetune.history),
             "validation": meta.metrics,
             "extra": meta.extra,
             "seed": params.common.seed,
             "device_setting": params.common.device,
+            # What each training stage ran on; "auto" above does not say.
+            "device": {
+                stage: training_device(read_json(out.metrics)) for stage, out in stages.items()
+            },
         },
         # Where the starting weights came from: the backbone checkpoint's own record
         # (scratch, imagenet:<weights>, ...) and any provenance it carries, kept whole.
@@ -171,9 +273,10 @@ def model_card(params: Params, metrics: dict[str, Any]) -> dict[str, Any]:
                 "classes": backbone.classes,
                 "init": backbone.init,
                 "extra": backbone.extra,
+                "trained_on": backbone_training(backbone.epoch, backbone.classes, data["splits"]),
             },
         },
-        "data": data_summary(read_json(paths.ingest.metrics), read_json(paths.split.metrics)),
+        "data": data,
         "params": used_params(params),
         "inputs_sha256": {
             "manifest": file_sha256(manifest_path(paths.ingest.dataset)),
@@ -182,56 +285,6 @@ def model_card(params: Params, metrics: dict[str, Any]) -> dict[str, Any]:
             "weights": file_sha256(paths.finetune.checkpoint),
         },
     }
-
-
-def _counts_table(card: dict[str, Any]) -> list[str]:
-    lines = ["| role | split | images | per class |", "| --- | --- | --- | --- |"]
-    for role, splits in card["data"]["splits"].items():
-        for split, counts in splits.items():
-            classes = ", ".join(f"{k}: {v}" for k, v in counts["classes"].items())
-            lines.append(f"| {role} | {split} | {counts['total']} | {classes} |")
-    return lines
-
-
-def render_markdown(card: dict[str, Any]) -> str:
-    """The model card ``card`` (as :func:`model_card` makes it) as Markdown for people.
-    Raises KeyError when the card lacks a section it shows."""
-    metrics = card["metrics"]
-    provenance = card["weights_provenance"]["backbone"]
-    lines = [
-        f"# Model card: {card['name']}",
-        "",
-        f"- Architecture: `{card['architecture']}`, fine-tuned from `{card['training']['init']}`",
-        f"- Backbone weights: `{provenance['init']}` ({provenance['arch']}, "
-        f"trained on {len(provenance['classes'])} classes)",
-        f"- Classes ({len(card['classes'])}): {', '.join(card['classes'])}",
-        f"- Input: {card['input']['image_size']} px RGB, mean {card['input']['mean']}, "
-        f"std {card['input']['std']}",
-        f"- Test accuracy: {metrics['accuracy']:.4f}, macro F1: {metrics['macro_f1']:.4f} "
-        f"({metrics['test_images']} images)",
-        f"- Seed: {card['training']['seed']}, device setting: {card['training']['device_setting']}",
-        "",
-        "| class | precision | recall | F1 | support |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for label, scores in metrics["per_class"].items():
-        lines.append(
-            f"| {label} | {scores['precision']:.3f} | {scores['recall']:.3f} | "
-            f"{scores['f1']:.3f} | {scores['support']} |"
-        )
-    lines += ["", "## Data", "", *_counts_table(card), ""]
-    for role, reasons in card["data"]["rejected"].items():
-        listed = ", ".join(f"{reason}: {n}" for reason, n in reasons.items()) or "none"
-        lines.append(f"- Rejected ({role}): {listed}")
-    lines += _near_duplicate_lines(card)
-    lines += ["", "## Inputs (sha256)", ""]
-    lines += [f"- {name}: `{digest}`" for name, digest in card["inputs_sha256"].items()]
-    lines += [
-        "",
-        "Code commit, dirty flag and environment are recorded when a version is published "
-        "(`graft lineage show <name>@<version>`).",
-    ]
-    return "\n".join(lines) + "\n"
 
 
 def register(params: Params) -> dict[str, Any]:

@@ -31,6 +31,16 @@ def resolve_device(setting: str) -> torch.device:
     return torch.device("cpu")
 
 
+def device_record(device: torch.device) -> dict[str, str]:
+    """What a training stage's metrics record of the device it trained on: ``device``, its
+    type (``cpu``, ``cuda``, ``mps``), and for CUDA ``device_name``, the GPU's model name
+    (the setting ``auto`` alone does not say where a model was trained)."""
+    record = {"device": device.type}
+    if device.type == "cuda":
+        record["device_name"] = torch.cuda.get_device_name(device)
+    return record
+
+
 @dataclass(frozen=True)
 class Speed:
     """Device options that change speed, not the maths (beyond float16 rounding with amp).

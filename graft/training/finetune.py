@@ -23,7 +23,7 @@ from graft.config.params import Common, Finetune
 from graft.data.loaders import TrainingData, decoded_cache_folder, make_loader, training_data
 from graft.training.checkpoints import CheckpointMeta
 from graft.training.determinism import seeded
-from graft.training.device import Speed, resolve_device
+from graft.training.device import Speed, device_record, resolve_device
 from graft.training.folding import folded, track_weight_decay
 from graft.training.group import LOCAL, Group
 from graft.training.head_inputs import FeatureBatches, cached_views
@@ -105,7 +105,7 @@ def finetune(
         # Phase 1 is charged with decoding too: the textbook loop decodes every epoch.
         seconds["head"] += decoding
         meta = _finetuned_meta(start, data.classes, common, outcome, group)
-        return TrainedModel(model.cpu(), meta, outcome, seconds)
+        return TrainedModel(model.cpu(), meta, outcome, seconds, device_record(device))
 
 
 def _finetuned_meta(

@@ -21,7 +21,7 @@ import torch
 from graft.config.params import Common, Pretrain
 from graft.data.loaders import TrainingData, decoded_cache_folder, training_data
 from graft.training.determinism import seeded
-from graft.training.device import Speed, resolve_device
+from graft.training.device import Speed, device_record, resolve_device
 from graft.training.folding import folded, track_weight_decay
 from graft.training.group import LOCAL, Group
 from graft.training.history import EpochResult, FitOutcome
@@ -131,7 +131,9 @@ def _train_on_corpus(
         best=outcome.best,
         extra={**_weights_record(start), **group.record()},
     )
-    return TrainedModel(model.cpu(), meta, outcome, {"pretrain": outcome.seconds})
+    return TrainedModel(
+        model.cpu(), meta, outcome, {"pretrain": outcome.seconds}, device_record(device)
+    )
 
 
 def _weights_record(start: StartingWeights) -> dict[str, Any]:

@@ -25,12 +25,14 @@ def write_outputs(out: TrainPaths, trained: TrainedModel) -> None:
     """Write ``trained``'s checkpoint, history table and metrics to ``out``'s paths, each
     atomically.
 
-    Metrics are the best epoch's validation figures plus ``best_epoch``. Raises OSError when a
-    file cannot be written.
+    Metrics are the best epoch's validation figures plus ``best_epoch``, and the device it
+    trained on (``device``, ``device_name`` for CUDA; none when nothing trained). Raises
+    OSError when a file cannot be written.
     """
     save_checkpoint(out.checkpoint, trained.model, trained.meta)
     atomic.write_csv(out.history, history_table(trained.outcome.history))
-    atomic.write_json(out.metrics, {**trained.meta.metrics, "best_epoch": trained.meta.epoch})
+    metrics = {**trained.meta.metrics, "best_epoch": trained.meta.epoch, **trained.device}
+    atomic.write_json(out.metrics, metrics)
 
 
 def run_training_stage(

@@ -15,12 +15,14 @@ from graft.training.history import EpochResult, FitOutcome
 @dataclass(frozen=True)
 class TrainedModel:
     """A trained network (on the CPU), the metadata its checkpoint records, how training went,
-    and the wall time of each phase in seconds (kept out of every output: it varies)."""
+    the wall time of each phase in seconds (kept out of every output: it varies), and the
+    device it trained on (graft.training.device.device_record; empty when nothing trained)."""
 
     model: nn.Module
     meta: CheckpointMeta
     outcome: FitOutcome
     seconds: dict[str, float] = field(default_factory=dict)
+    device: dict[str, str] = field(default_factory=dict)
 
 
 def checkpoint_meta(
