@@ -65,8 +65,12 @@ STAGE_FLOW = "graft-stage"
 ENTRYPOINT = "flows/placement.py:placed_stage"
 WORKSPACE_ENV = "GRAFT_WORKSPACE"  # the worker's clone; its flow runs change into it
 POLL_S = 1.0  # how often the orchestrator reads the placed run's state and new log lines
+PICKUP_NOTE_S = 60.0  # how often a placed run no worker has started yet is mentioned
 LOG_SETTLE_S = 3.0  # after the run ends: logs reach the server in batches (every 2 s)
 CACHED_NOTE = "is cached - skipping run"  # what `dvc repro` prints when the run-cache hands over
+# What it prints when nothing had to run: dvc.lock already records the same result (as in a
+# fresh clone of a committed run), or the stage is current.
+UNCHANGED_NOTES = ("didn't change, skipping", "Data and pipelines are up to date")
 
 # The placed runs this process is waiting for: an interrupted orchestrator cancels them.
 _children: set[UUID] = set()
@@ -167,7 +171,8 @@ def check_placement(
     """Refuse ``run.placement`` before any work when it cannot be followed: a stage not in
     dvc.yaml, an ``always_changed`` stage (no run-cache entry to hand back), no default DVC
     remote, uncommitted changes to the files a placed stage depends on, a work pool missing
-    from the Prefect server or with no worker online. Only stages of this run (``graph``)
+    from the Prefect server (a pool with no worker online is only warned about: see
+    :func:`require_worker`). Only stages of this run (``graph``)
     are checked beyond their names. With stages to place, also keeps the server's crash
     automation in place (flows/crash_detection.py). Raises PlacementError naming the key,
     and what the Prefect client raises; returns None."""
@@ -195,7 +200,7 @@ def check_placement(
         if changed:
             raise PlacementError(
                 f"run.placement.{stage}: uncommitted changes to files it depends on: "
-                f"{', '.join(changed)}; the worker runs the committed code: commit (and push) "
+                f"{', '.join(changed)}; the worker runs the committed code: commit and push "
                 "them first"
             )
     for stage in placed:
@@ -206,19 +211,41 @@ def check_placement(
 
 
 def _check_pool(stage: str, pool: str) -> None:
+    """Refuse a pool missing from the server; warn when none of its workers is online now.
+    A worker is required only when the stage has to run (see :func:`require_worker`): a run
+    with nothing new for a placed stage needs no GPU box switched on."""
     with get_client(sync_client=True) as client:
         try:
             client.read_work_pool(pool)
         except ObjectNotFound:
             raise PlacementError(
                 f"run.placement.{stage}: no work pool {pool!r} on the Prefect server at "
-                f"{PREFECT_API_URL.value()}: `prefect work-pool create {pool} --type process`"
+                f"{PREFECT_API_URL.value()}: start its worker in a clone of this repository "
+                f"on the machine for it, `graft worker {pool}`, which creates the pool"
             ) from None
+    if not _worker_online(pool):
+        get_run_logger().warning(
+            "run.placement.%s: no worker of work pool %r is online now; the stage fails if "
+            "it has to run and none is by then (`graft worker %s` on the machine for it)",
+            stage, pool, pool,
+        )  # fmt: skip
+
+
+def _worker_online(pool: str) -> bool:
+    with get_client(sync_client=True) as client:
         workers = client.read_workers_for_work_pool(pool)
-    if not any(worker.status == WorkerStatus.ONLINE for worker in workers):
-        raise PlacementError(
-            f"run.placement.{stage}: no worker of work pool {pool!r} is online: start one in "
-            f"a clone of this repository on the machine for it: `graft worker {pool}`"
+    return any(worker.status == WorkerStatus.ONLINE for worker in workers)
+
+
+def require_worker(stage: str, pool: str) -> None:
+    """Raise StageFailed unless a worker of work pool ``pool`` is online to run ``stage``.
+    Prefect marks a stopped worker offline only after a few missed heartbeats (about two
+    minutes): a run placed in that window waits, saying so (:func:`await_placed`)."""
+    if not _worker_online(pool):
+        raise StageFailed(
+            f"stage {stage!r} has to run on work pool {pool!r}, and no worker of it is "
+            f"online: start one in a clone of this repository on the machine for it: "
+            f"`graft worker {pool}`"
         )
 
 
@@ -259,9 +286,10 @@ def dispatch(
     remote and start a run of ``stage`` on work pool ``pool``: the ``graft-stage/<pool>``
     deployment with ``parameters`` (those of :func:`placed_stage`), as a subflow of the
     calling run. Hold the workspace's DVC while calling. Returns the placed run's id. Raises
-    DvcDataError when the push fails (DvcLocked: another DVC command holds the project),
-    and what the Prefect client raises."""
+    StageFailed when no worker of the pool is online, DvcDataError when the push fails
+    (DvcLocked: another DVC command holds the project), and what the Prefect client raises."""
     logger = get_run_logger()
+    require_worker(stage, pool)
     if data:
         logger.info("%s: pushing %s to the DVC remote for pool %s", stage, ", ".join(data), pool)
         push(project, data)
@@ -276,7 +304,7 @@ def await_placed(flow_run_id: UUID, stage: str, pool: str, timeout_s: float) -> 
     """Wait for the placed run ``flow_run_id`` of ``stage``, relaying its log; cancel it past
     ``timeout_s`` seconds or when interrupted (then re-raise). Raises StageFailed, with the
     placed run's own message (the stage's last output lines), unless it completed."""
-    state = _follow(flow_run_id, f"{stage}@{pool}", timeout_s)
+    state = _follow(flow_run_id, f"{stage}@{pool}", timeout_s, pool)
     if not state.is_completed():
         raise StageFailed(placed_failure(stage, pool, state.name or "", state.message or ""))
 
@@ -290,22 +318,33 @@ def take_over(project: Path, stage: str, pool: str, timeout_s: float) -> None:
     if code != 0:
         what = f"ran on work pool {pool!r}, but its result could not be taken over"
         raise StageFailed(stage_failure(stage, code, tail, what))
-    if not any(CACHED_NOTE in line or "didn't change" in line for line in tail):
+    if ran_again(tail):
         get_run_logger().warning(
             "%s: the run-cache entry from pool %s did not match here; DVC ran it again", stage, pool
         )
 
 
-def _follow(flow_run_id: UUID, label: str, timeout_s: float) -> State[Any]:
+def ran_again(tail: list[str]) -> bool:
+    """Whether the take-over's `dvc repro --pull` ran the stage's command (its last output
+    lines ``tail`` say neither "cached" nor "up to date"): the run-cache entry from the pool
+    did not match here."""
+    handed_over = (CACHED_NOTE, *UNCHANGED_NOTES)
+    return not any(note in line for line in tail for note in handed_over)
+
+
+def _follow(flow_run_id: UUID, label: str, timeout_s: float, pool: str) -> State[Any]:
     """Wait for the flow run ``flow_run_id`` to end, relaying its log lines as ``label |
-    line``; cancel it after ``timeout_s`` seconds or when the wait is interrupted (then
-    re-raise). Returns its final state."""
+    line``; say every PICKUP_NOTE_S seconds while no worker of ``pool`` has started it;
+    cancel it after ``timeout_s`` seconds or when the wait is interrupted (then re-raise).
+    Returns its final state."""
     logger = get_run_logger()
     with _children_guard:
         _children.add(flow_run_id)
     seen: set[UUID] = set()
     since = datetime.now(UTC) - timedelta(minutes=1)
-    deadline = time.monotonic() + timeout_s
+    started = time.monotonic()
+    deadline = started + timeout_s
+    next_note = started + PICKUP_NOTE_S
     try:
         with get_client(sync_client=True) as client:
             settled_at: float | None = None
@@ -313,6 +352,15 @@ def _follow(flow_run_id: UUID, label: str, timeout_s: float) -> State[Any]:
                 since = _relay(client, flow_run_id, label, seen, since)
                 state = client.read_flow_run(flow_run_id).state
                 final = state is not None and state.is_final()
+                waiting = state is not None and (state.is_scheduled() or state.is_pending())
+                if waiting and time.monotonic() >= next_note:
+                    logger.warning(
+                        "%s: no worker of work pool %r has started it after %.0fs: is "
+                        "`graft worker %s` running on the machine for it? (cancelled after "
+                        "run.timeout_s, %gs)",
+                        label, pool, time.monotonic() - started, pool, timeout_s,
+                    )  # fmt: skip
+                    next_note += PICKUP_NOTE_S
                 if final and settled_at is None:
                     settled_at = time.monotonic() + LOG_SETTLE_S
                 if settled_at is not None and time.monotonic() >= settled_at:

@@ -14,7 +14,7 @@ import yaml
 from helpers import ROOT, run
 
 from flows.dvc_commands import DvcDataError, cache_dir, checkout, pull, push
-from flows.placement import PlacementError, check_placement
+from flows.placement import PlacementError, check_placement, ran_again
 from flows.stages import DvcLocked, stage_graph, stage_order
 from flows.worktrees import snapshot_commit, stage_worktree, uncommitted, untracked_files
 from graft.config.params import ParamsError, parse_params
@@ -71,7 +71,7 @@ def test_placement_is_refused_before_any_work(dvc_project: Path) -> None:
     (dvc_project / "graft" / "new_module.py").write_text("")  # untracked, not a dep: ignored
     assert refused({"pretrain": "gpu"}) == (
         "run.placement.pretrain: uncommitted changes to files it depends on: tasks/pretrain.py; "
-        "the worker runs the committed code: commit (and push) them first"
+        "the worker runs the committed code: commit and push them first"
     )
     # Stages outside this run are only checked by name.
     check_placement(
@@ -169,3 +169,11 @@ repo.lock.lock()
 print("held", flush=True)
 time.sleep(60)
 """
+
+
+def test_a_take_over_that_found_nothing_to_do_is_no_rerun() -> None:
+    cached = ["Stage 'pretrain' is cached - skipping run, checking out outputs", "Updating lock"]
+    current = ["Stage 'pretrain' didn't change, skipping", "Data and pipelines are up to date."]
+    fresh_clone = ["Data and pipelines are up to date."]  # dvc.lock already records it
+    assert not any(ran_again(tail) for tail in (cached, current, fresh_clone))
+    assert ran_again(["epoch 12: loss 0.1", "Updating lock file 'dvc.lock'"])

@@ -127,7 +127,11 @@ def _run(arguments: argparse.Namespace) -> None:
         print(f"interrupted by {name}: {_stopped(stop, phase[0])}", file=sys.stderr)
         sys.exit(128 + signum)  # the shell's convention: 130 for Ctrl-C
     for result in results.stages:
-        state = "ran" if result.ran else "up to date (DVC cache)"
+        # where: this workspace, a work tree of it, or "pool <name>", a work pool's worker
+        where = {"workspace": "", "worktree": " in a work tree"}.get(
+            result.where, f" on work {result.where}"
+        )
+        state = f"ran{where}" if result.ran else "up to date (DVC cache)"
         print(f"{result.stage}: {state} ({result.seconds:.1f}s)")
     for line in _where_to_look(arguments, results):
         print(line)
@@ -154,7 +158,6 @@ def _run_flow(arguments: argparse.Namespace, phase: list[str]) -> _RunOutcome:
     publish_stage, stage_names = _publish_stage(arguments)
     from prefect.utilities.urls import url_for  # Prefect only when asked for
 
-    from flows.failures import first_line
     from flows.local_server import ServerDidNotStart, run_api
     from flows.pipeline import EXPECTED_FAILURES, pipeline
 
@@ -182,8 +185,8 @@ def _run_flow(arguments: argparse.Namespace, phase: list[str]) -> _RunOutcome:
             # Prefect's own URL of the run, from PREFECT_UI_URL (or PREFECT_API_URL's server)
             url = url_for(flow_runs[0]) if flow_runs and temporary is None else None
     except (*EXPECTED_FAILURES, ServerDidNotStart) as error:
-        # The stage's output and the run's log said the rest: the last line says why.
-        raise GraftError(first_line(error)) from None
+        # One line for a stage (its output is in the log above); a params error lists each key.
+        raise GraftError(str(error)) from None
     stages = results if isinstance(results, list) else []
     every_stage = not arguments.stages or {r.stage for r in stages} >= set(stage_names)
     return _RunOutcome(stages, url or None, every_stage)
