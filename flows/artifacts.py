@@ -155,7 +155,7 @@ def _summary(
     nothing = "none (everything up to date in the DVC cache)" if not failure else "none"
     lines.append(f"Stages run: {', '.join(ran) or nothing}.")
     if card is not None and card.exists():
-        # The card itself, not a link: a file:// link is one a browser refuses from the UI.
-        lines += ["", f"## Model card ({card.name})", ""]
-        lines.append(card.read_text(encoding="utf-8"))
+        # The card itself (it has its own heading), not a link: a file:// link is one a
+        # browser refuses from the UI.
+        lines += ["", card.read_text(encoding="utf-8")]
     return "\n".join(lines) + "\n"

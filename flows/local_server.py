@@ -63,7 +63,10 @@ def local_prefect_server(
         env["PREFECT_HOME"] = str(home)
         env["PREFECT_API_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{home / 'prefect.db'}"
     command = ["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    server = start_in_own_session(command, env, log, cwd=log.parent)
+    # The UI it serves asks for its API at PREFECT_SERVER_UI_API_URL, by default on port 4200
+    # whatever --port says: point it at this server, or its pages find no API.
+    server_env = env | {"PREFECT_SERVER_UI_API_URL": url}
+    server = start_in_own_session(command, server_env, log, cwd=log.parent)
     try:
         deadline = time.monotonic() + timeout_s
         while not _healthy(url):

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from uuid import UUID
 
+import httpx
 import numpy as np
 import pytest
 import yaml
@@ -226,6 +227,8 @@ def test_after_a_run_it_says_where_to_look(project: Path, server: Server) -> Non
     with server.client() as client:  # the very run that just finished
         flow_run = client.read_flow_run(UUID(url[2]))
         assert flow_run.state is not None and flow_run.state.is_completed()
+    ui = httpx.get(f"{url[1]}/ui-settings", timeout=10).json()  # that page finds its API
+    assert ui["api_url"] == server.url
     card = Path("models", "package", "model_card.md")
     assert lines[-2:] == [f"the model card: {card}", "publish it as a version: graft publish"]
     assert (project / card).is_file()

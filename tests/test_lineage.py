@@ -8,6 +8,7 @@ both versions back through git, DVC and the lineage index.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,6 +123,9 @@ def test_show_gives_each_versions_hashes_counts_and_params(
     targets = shown["dataset"]["accepted"]["target"]
     assert targets["total"] == (50 if version == "v1" else 50 - 1 + 2)
     assert shown["dataset"]["rejected"]["target"] == {"corrupt": 1, "zero_byte": 1, "not_image": 1}
+    duplicates = shown["dataset"]["duplicates"]["target"]  # counted apart from rejections
+    text = graft(scenario.repo, "lineage", "show", ref).stdout
+    assert re.search(rf"target: .*; rejected [^;]+; duplicates {duplicates} \(kept once\)", text)
     lr = shown["finetune"]["params"]["finetune"]["head"]["lr"]
     assert lr == (0.003 if version == "v1" else 0.004)
     assert shown["pretrained"]["provenance"]["backbone"]["init"] == "scratch"

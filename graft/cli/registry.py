@@ -75,9 +75,12 @@ def _show(arguments: argparse.Namespace) -> None:
     for role, accepted in (dataset.get("accepted") or {}).items():
         rejected = (dataset.get("rejected") or {}).get(role, {})
         reasons = ", ".join(f"{k} {v}" for k, v in rejected.items()) or "none"
+        # Versions since the duplicates were counted apart; before, "rejected" held them.
+        duplicates = (dataset.get("duplicates") or {}).get(role)
+        kept_once = "" if duplicates is None else f"; duplicates {duplicates} (kept once)"
         lines.append(
             f"             {role}: {accepted['total']} images {accepted['classes']}; "
-            f"rejected {reasons}"
+            f"rejected {reasons}{kept_once}"
         )
     for source in lineage["sources"]:
         if "sha256" in source:  # the scan stage's fingerprint
