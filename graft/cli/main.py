@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from graft.cli.help_format import HelpFormatter
+from graft.cli.predict import add_command as add_predict_command
 from graft.cli.registry import add_commands as add_registry_commands
 from graft.config.params import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, DEFAULT_PARAMS, load_params
 from graft.config.settings import (
@@ -639,6 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     add_registry_commands(commands)  # publish, lineage
+    add_predict_command(commands)
     return parser
 
 

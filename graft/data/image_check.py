@@ -12,9 +12,10 @@ from __future__ import annotations
 import io
 from typing import Any, NamedTuple
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from graft.data.decoding import pillow_refuses_above, upright_rgb
+from graft.data.decoding import pillow_refuses_above, resize_square, upright_rgb
 from graft.data.near_duplicates import perceptual_hash
 from graft.data.signatures import sniff
 
@@ -55,33 +56,57 @@ def check_image_bytes(data: bytes, *, min_side: int, max_pixels: int) -> ImageCh
     to the caller, which knows the memory budget it ran under. Uses Pillow's process-wide
     limits (graft.data.decoding.configure_pillow) and changes no process-wide state.
     """
+    return _inspect(data, min_side, max_pixels, size=None)[0]
+
+
+def decode_checked(
+    data: bytes, *, min_side: int, max_pixels: int, size: int
+) -> tuple[ImageCheck, np.ndarray | None]:
+    """:func:`check_image_bytes`'s verdict on ``data`` and, for an accepted image, its pixels
+    as training sees them (graft.data.decoding.decode_square): a writable uint8 array of shape
+    (``size``, ``size``, 3), HWC, RGB; None for any other verdict.
+
+    One decode serves both, so a prediction sees exactly the pixels the verdict judged. The
+    check's ``phash`` is left None (nothing downstream of a prediction needs it). Raises
+    MemoryError as check_image_bytes does, and nothing else.
+    """
+    return _inspect(data, min_side, max_pixels, size=size)
+
+
+def _inspect(
+    data: bytes, min_side: int, max_pixels: int, *, size: int | None
+) -> tuple[ImageCheck, np.ndarray | None]:
+    """The check, and with ``size`` the accepted image's resized pixels instead of its phash."""
     if not data:
-        return ImageCheck("zero_byte", "file is empty")
+        return ImageCheck("zero_byte", "file is empty"), None
     found: dict[str, Any] = {}  # what the header told us, kept even when decoding fails
     try:
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
             found = dict(width=width, height=height, mode=image.mode, format=image.format)
             if width * height > max_pixels:
-                return ImageCheck("too_large", _over_max_pixels(found, max_pixels), **found)
+                return ImageCheck("too_large", _over_max_pixels(found, max_pixels), **found), None
             if min(width, height) < min_side:
                 reason = f"shorter side {min(width, height)} px < min_side {min_side}"
-                return ImageCheck("too_small", reason, **found)
+                return ImageCheck("too_small", reason, **found), None
             broken = _checksum_problem(data)
             if broken:
-                return ImageCheck("corrupt", broken, **found)
+                return ImageCheck("corrupt", broken, **found), None
             rgb, warning = upright_rgb(image)  # a full decode of the first frame, and more
+            if size is not None:
+                pixels = np.array(resize_square(rgb, size), dtype=np.uint8)
+                return ImageCheck("accepted", warning, **found), pixels
             # The hash's own resize stands for training's: Pillow's resampling of decoded
             # pixels cannot fail where decoding and conversion did not.
-            return ImageCheck("accepted", warning, **found, phash=perceptual_hash(rgb))
+            return ImageCheck("accepted", warning, **found, phash=perceptual_hash(rgb)), None
     except UnidentifiedImageError:
-        return _unidentified(data)
+        return _unidentified(data), None
     except Image.DecompressionBombError as error:
-        return _refused_by_pillow(found, max_pixels, error)
+        return _refused_by_pillow(found, max_pixels, error), None
     except MemoryError:
         raise
     except Exception as error:  # any decoder's failure is this file's verdict, nothing more
-        return _failed(error, found, data)
+        return _failed(error, found, data), None
 
 
 def _checksum_problem(data: bytes) -> str:

@@ -71,6 +71,19 @@ def scan_folder(root: Path) -> tuple[list[SourceFile], Counter[str]]:
     return found, skipped
 
 
+def files_under(root: Path) -> tuple[list[SourceFile], Counter[str]]:
+    """Every file under ``root`` at any depth, with no class level (label ""), by
+    :func:`scan_folder`'s rules: the same order, hidden and system files skipped and counted,
+    linked folders not followed. Relative paths are relative to ``root``. Raises OSError when
+    ``root`` cannot be listed.
+    """
+    skipped: Counter[str] = Counter()
+    found: list[SourceFile] = []
+    base = os.path.abspath(root)
+    _walk_files(base, len(base) + 1, "", found, skipped)
+    return found, skipped
+
+
 def class_folders(root: Path) -> list[str]:
     """The class names of ``root``: its folders that :func:`scan_folder` reads, printable.
 

@@ -16,7 +16,7 @@ import stat as stat_module
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from graft.config.settings import (
     DEFAULT_DECODE_MEMORY_MB,
@@ -141,30 +141,45 @@ def _check(task: _Task) -> tuple[FileRecord, FileStat | None]:
     Runs in a worker process under the memory budget: a decode that needs more is
     ``too_large``, naming the budget.
     """
-    file = task.file
+    file, settings = task.file, task.settings
+    data, stat = read_file(file, settings)
+    if isinstance(data, FileRecord):  # not read: why is its verdict
+        return data, stat
+    sha256 = sha256_hex(data)
+    try:
+        check = check_image_bytes(data, min_side=settings.min_side, max_pixels=settings.max_pixels)
+    except MemoryError:
+        check = ImageCheck("too_large", over_memory(settings))
+    if check.verdict == "accepted" and task.objects is not None:
+        store_object(task.objects, sha256, data)
+    return FileRecord.of(file.relative, file.label, sha256, len(data), check), stat
+
+
+def read_file(
+    file: SourceFile, settings: CheckSettings
+) -> tuple[bytes | FileRecord, FileStat | None]:
+    """``(data, stat)``: the bytes of ``file`` and its stat; or, when they must not or cannot
+    be read, a record saying why instead of the bytes: ``unreadable`` (an OS error, a dangling
+    link, a named pipe or device: reading would block) or ``too_large`` (more bytes than
+    ``settings.decode_memory_mb``; never read into memory, hashed streamed). ``stat`` is None
+    when the file could not be stat'ed as a regular file. Raises nothing.
+    """
     try:
         status = os.stat(file.path)
         if not stat_module.S_ISREG(status.st_mode):  # a named pipe would block the reader
             reason = "not a regular file (a named pipe, socket or device)"
             return FileRecord(file.relative, file.label, "unreadable", reason), None
         stat = FileStat.of(status)
-        settings = task.settings
         if status.st_size > settings.decode_memory_mb * 1024 * 1024:  # never read into memory
             reason = f"the file ({status.st_size} bytes) is larger than {_budget(settings)}"
             record = FileRecord(file.relative, file.label, "too_large", reason)
-            return record._replace(sha256=file_sha256(Path(file.path)), bytes=status.st_size), stat
+            digest = file_sha256(Path(file.path))
+            return record._replace(sha256=digest, bytes=status.st_size), stat
         with open(file.path, "rb") as stream:
-            data = stream.read()
+            return stream.read(), stat
     except OSError as error:
-        return FileRecord(file.relative, file.label, "unreadable", _unreadable(file, error)), None
-    sha256 = sha256_hex(data)
-    try:
-        check = check_image_bytes(data, min_side=settings.min_side, max_pixels=settings.max_pixels)
-    except MemoryError:
-        check = ImageCheck("too_large", _over_memory(settings))
-    if check.verdict == "accepted" and task.objects is not None:
-        store_object(task.objects, sha256, data)
-    return FileRecord.of(file.relative, file.label, sha256, len(data), check), stat
+        reason = _unreadable(file, error)
+        return FileRecord(file.relative, file.label, "unreadable", reason), None
 
 
 def _unreadable(file: SourceFile, error: OSError) -> str:
@@ -177,16 +192,19 @@ def _budget(settings: CheckSettings) -> str:
     return f"ingest.decode_memory_mb = {settings.decode_memory_mb} MiB"
 
 
-def _over_memory(settings: CheckSettings) -> str:
+def over_memory(settings: CheckSettings) -> str:
+    """The reason of a ``too_large`` verdict given when decoding ran out of the memory budget."""
     return (
         f"decoding needs more than {_budget(settings)} "
         "(a frame, tile or embedded image larger than the header says)"
     )
 
 
-def _lost(task: _Task, outcome: Outcome[tuple[FileRecord, FileStat | None]]) -> FileRecord:
-    """The record of a file whose check ran out of time or lost its process."""
-    file, settings = task.file, task.settings
+def lost_record(file: SourceFile, settings: CheckSettings, outcome: Outcome[Any]) -> FileRecord:
+    """The record of ``file``, whose check ended as ``outcome`` without a result: it ran out
+    of time (``timeout``), or its process was killed (``too_large``: the kernel's OOM
+    killer) or crashed (``corrupt``). Hashes the file, streamed, so a report can name its
+    content; raises nothing."""
     if outcome.timed_out:
         limit = settings.decode_timeout_s
         verdict, reason = (
@@ -194,7 +212,7 @@ def _lost(task: _Task, outcome: Outcome[tuple[FileRecord, FileStat | None]]) -> 
             f"decoding took longer than ingest.decode_timeout_s = {limit:g} s",
         )
     elif outcome.exit_code == -signal.SIGKILL:  # what the kernel's OOM killer sends
-        verdict, reason = "too_large", _over_memory(settings) + "; its process was killed"
+        verdict, reason = "too_large", over_memory(settings) + "; its process was killed"
     else:
         verdict, reason = (
             "corrupt",
@@ -220,7 +238,10 @@ def _run_checks(
             initializer=_start_worker, initargs=(settings.limits(),),
         )  # fmt: skip
         for index, outcome in outcomes:
-            results[index] = outcome.result or (_lost(tasks[index], outcome), None)
+            if outcome.result is None:  # timed out, or its process died
+                results[index] = (lost_record(tasks[index].file, settings, outcome), None)
+            else:
+                results[index] = outcome.result
             progress.update()
     return [result for result in results if result is not None]
 

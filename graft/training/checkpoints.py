@@ -6,16 +6,17 @@ where ``meta`` holds only strings, numbers, lists and dicts.
 
 from __future__ import annotations
 
+import io
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import nn
 
 from graft.atomic import atomic_path
 from graft.errors import GraftError
-from graft.training.models import build_model
+from graft.training.models import ModelError, build_model
 
 FORMAT = "graft-checkpoint/1"
 
@@ -59,15 +60,29 @@ def save_checkpoint(path: Path, model: nn.Module, meta: CheckpointMeta) -> None:
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], CheckpointMeta]:
     """The state dict (CPU tensors by name) and metadata of the checkpoint at ``path``, read
     without unpickling code. Raises CheckpointError when it is missing or not ours."""
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    return _read(path, str(path))
+
+
+def checkpoint_from_bytes(data: bytes, name: str) -> tuple[dict[str, torch.Tensor], CheckpointMeta]:
+    """:func:`load_checkpoint` for a checkpoint file's bytes (read from git, DVC's cache or its
+    remote); ``name`` says where they came from, in errors. Raises CheckpointError when they
+    are not a graft checkpoint."""
+    return _read(io.BytesIO(data), name)
+
+
+def _read(source: Path | BinaryIO, name: str) -> tuple[dict[str, torch.Tensor], CheckpointMeta]:
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path} does not exist") from None
+        payload = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for foreign or damaged files
-        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from None
+        raise CheckpointError(f"cannot read checkpoint {name}: {error}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a graft checkpoint (expected format {FORMAT})")
-    return payload["state_dict"], CheckpointMeta(**payload["meta"])
+        raise CheckpointError(f"{name} is not a graft checkpoint (expected format {FORMAT})")
+    try:
+        return payload["state_dict"], CheckpointMeta(**payload["meta"])
+    except (KeyError, TypeError) as error:
+        raise CheckpointError(f"{name}: its metadata is not graft's: {error}") from None
 
 
 def model_from_checkpoint(path: Path) -> tuple[nn.Module, CheckpointMeta]:
@@ -78,14 +93,25 @@ def model_from_checkpoint(path: Path) -> tuple[nn.Module, CheckpointMeta]:
     Raises CheckpointError when the file is missing, not ours, or its weights do not fit.
     """
     state, meta = load_checkpoint(path)
-    model = build_model(meta.arch, len(meta.classes))
+    return model_from_state(state, meta, str(path)), meta
+
+
+def model_from_state(state: dict[str, torch.Tensor], meta: CheckpointMeta, name: str) -> nn.Module:
+    """The network ``meta`` describes (architecture, number of classes) with the weights
+    ``state`` loaded, on the CPU; ``name`` says where they came from, in errors. Draws from
+    torch's global RNG. Raises CheckpointError when the weights do not fit that network or the
+    architecture is unknown."""
+    try:
+        model = build_model(meta.arch, len(meta.classes))
+    except ModelError as error:
+        raise CheckpointError(f"{name}: {error}") from None
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
         raise CheckpointError(
-            f"{path}: weights do not fit {meta.arch} with {len(meta.classes)} classes: {error}"
+            f"{name}: weights do not fit {meta.arch} with {len(meta.classes)} classes: {error}"
         ) from None
-    return model, meta
+    return model
 
 
 def check_fits(
