@@ -2,11 +2,13 @@
 
 One scenario, built once for the module: run the pipeline, publish v1.0.0; add two images,
 remove one, change a param, run again and publish v1.0.1 to stage prod. The tests then read
-both versions back through git, DVC and the lineage index.
+both versions back through git, DVC and the lineage index, predict with each (graft predict)
+and trace a prediction file back to its version.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import shutil
@@ -144,6 +146,65 @@ def test_show_resolves_a_model_file_and_a_git_revision(scenario: Scenario, tmp_p
     assert graft_json(scenario.repo, "lineage", "show", str(model))["tag"] == f"{NAME}@v1.0.1"
     first = graft_json(scenario.repo, "lineage", "show", "HEAD~1")  # the v1 commit
     assert first["model"]["sha256"] == scenario.v1["weights"]
+
+
+def _predict(repo: Path, model: str, images: Path, out: Path) -> list[dict[str, str]]:
+    graft(repo, "predict", model, str(images), "--out", str(out))
+    with out.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_predict_reads_each_version_at_its_commit_even_in_a_fresh_clone(
+    scenario: Scenario, tmp_path: Path
+) -> None:
+    clone = tmp_path / "clone"  # no DVC cache: the weights come from the DVC remote
+    run(["git", "clone", "-q", str(scenario.repo), str(clone)], tmp_path)
+    images = scenario.sources / "target"
+    tags = {"v1": f"{NAME}@v1.0.0", "v2": f"{NAME}@v1.0.1"}
+    by_ref = {
+        ref: _predict(clone, ref, images, tmp_path / f"{i}.csv")
+        for i, ref in enumerate((f"{NAME}@v1.0.0", f"{NAME}@latest", f"{NAME}#prod"))
+    }
+    for ref, rows in by_ref.items():
+        version = "v1" if ref.endswith("v1.0.0") else "v2"
+        commit = run(["git", "rev-parse", f"{tags[version]}^{{commit}}"], clone).stdout.strip()
+        assert {(r["model_version"], r["model_commit"], r["weights_sha256"]) for r in rows} == {
+            (tags[version], commit, getattr(scenario, version)["weights"])
+        }
+        assert {r["verdict"] for r in rows} == {"accepted", "corrupt", "zero_byte", "not_image"}
+    # The package file on disk is the v2 model: the same weights predict the same.
+    on_disk = _predict(scenario.repo, "models/package", images, tmp_path / "disk.csv")
+    assert {r["model_version"] for r in on_disk} == {tags["v2"]}
+    latest = by_ref[f"{NAME}@latest"]
+    assert [(r["class"], r["probability"]) for r in on_disk] == [
+        (r["class"], r["probability"]) for r in latest
+    ]
+    # What the versions learnt differs, and their predictions on the test images say so.
+    assert by_ref[f"{NAME}@v1.0.0"] != latest
+    missing = graft(clone, "predict", f"{NAME}@v9.0.0", str(images), check=False)
+    assert missing.returncode == 1
+    assert f"error: model {NAME}@v9.0.0: no published version {NAME}@v9.0.0" in missing.stderr
+
+
+def test_lineage_show_of_a_prediction_file_names_its_version(
+    scenario: Scenario, tmp_path: Path
+) -> None:
+    images = scenario.sources / "target" / "6"
+    predictions = tmp_path / "predictions.jsonl"
+    graft(scenario.repo, "predict", f"{NAME}#prod", str(images), "--out", str(predictions))
+    shown = graft_json(scenario.repo, "lineage", "show", str(predictions))
+    assert shown["tag"] == f"{NAME}@v1.0.1"
+    assert shown["predictions"]["rows"] == len([p for p in images.iterdir()])
+    assert shown["predictions"]["weights_match"] is True
+    text = graft(scenario.repo, "lineage", "show", str(predictions)).stdout
+    assert text.startswith(f"{predictions}: ") and f"every row by {NAME}@v1.0.1" in text
+    older = tmp_path / "older.jsonl"
+    graft(scenario.repo, "predict", f"{NAME}@v1.0.0", str(images), "--out", str(older))
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(predictions.read_text() + older.read_text())
+    refused = graft(scenario.repo, "lineage", "show", str(mixed), check=False)
+    assert refused.returncode == 1
+    assert f"rows by {NAME}@v1.0.1" in refused.stderr and f"rows by {NAME}@v1.0.0" in refused.stderr
 
 
 def test_which_models_finds_an_image_only_where_it_was_used(scenario: Scenario) -> None:

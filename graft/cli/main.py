@@ -546,6 +546,7 @@ the usual workflow, in the project root:
   dvc repro                         # run the pipeline, or: graft run (a Prefect flow run)
   graft publish                     # version the packaged model: <name>@vX.Y.Z, a git tag
   graft lineage show <name>@latest  # what produced it: images, params, code, weights
+  graft predict <name>@latest DIR   # classify new images with it, each row naming the model
 
 <name> is params.yaml's register.name (digits-5-9 for the demo); your own images: set \
 ingest.sources in params.yaml. `graft <command> --help` tells each command's options."""

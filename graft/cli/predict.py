@@ -71,10 +71,20 @@ def _predict(arguments: argparse.Namespace) -> None:
         raise GraftError(f"no files in {', '.join(map(str, arguments.inputs))}")
     model, source = load_model(arguments.root, arguments.model)
     verdicts: Counter[str] = Counter()
-    with prediction_output(arguments.out, form, options.top_k, source) as writer:
-        for row in predict_files(model, source, inputs.files, options):
-            writer.write(row)
-            verdicts[row.verdict] += 1
+    from graft.cli.main import STOP_SIGNALS, Interrupted, raise_on_signals
+
+    # Every stop signal unwinds as an exception: the workers are stopped, the partial output
+    # removed (prediction_output), and the command ends with one line instead of a traceback.
+    raise_on_signals(STOP_SIGNALS, Interrupted, once=True, quiet=True)
+    try:
+        with prediction_output(arguments.out, form, options.top_k, source) as writer:
+            for row in predict_files(model, source, inputs.files, options):
+                writer.write(row)
+                verdicts[row.verdict] += 1
+    except Interrupted as stop:
+        kept = f"; {arguments.out} not written" if arguments.out else ""
+        print(f"graft predict: interrupted by {stop}{kept}", file=sys.stderr)
+        sys.exit(128 + stop.signum)
     _summary(arguments, source, verdicts, inputs.skipped)
     rejected = sum(n for verdict, n in verdicts.items() if verdict != "accepted")
     if arguments.fail_on_rejected and rejected:

@@ -46,11 +46,16 @@ def _show(arguments: argparse.Namespace) -> None:
     from graft.registry.lineage_index import open_index
 
     root = arguments.root.resolve()
+    made_by = _predictions_model(root, Path(arguments.ref))
     with open_index(index_path(root)) as index:
-        lineage = show(root, resolve(root, arguments.ref, index))
+        lineage = show(root, resolve(root, made_by.ref if made_by else arguments.ref, index))
+    if made_by is not None:
+        lineage["predictions"] = made_by.report(lineage)
     if arguments.json:
         _print_json(lineage)
         return
+    if made_by is not None:
+        print("\n".join(made_by.lines(lineage)))
     name = lineage["tag"] or f"{lineage['name']} at {lineage['commit'][:12]} (not published)"
     model, finetune, pretrained = lineage["model"], lineage["finetune"], lineage["pretrained"]
     split, dataset, code = lineage["split"], lineage["dataset"], lineage["code"]
@@ -102,6 +107,16 @@ def _show(arguments: argparse.Namespace) -> None:
             f"cudnn {env.get('cudnn')}, device {env.get('device')}, seed {env.get('seed')}"
         )
     print("\n".join(lines))
+
+
+def _predictions_model(root: Path, path: Path) -> Any:
+    """The model behind the prediction file ``path`` (graft/inference/records.py), or None
+    when ``path`` is not one. Raises GraftError when its rows name several models."""
+    if not path.is_file():
+        return None
+    from graft.registry.prediction_lineage import predictions_model
+
+    return predictions_model(root, path)
 
 
 def _which_models(arguments: argparse.Namespace) -> None:
@@ -185,6 +200,7 @@ REF names a model version in one of these forms (NAME is params.yaml's register.
   digits-5-9#prod          the version assigned the stage prod (graft publish --stage prod)
   HEAD~3                   any git revision: a commit, branch or tag, published or not
   models/package/model.pt  a model file: the published version whose weights have its sha256
+  predictions.csv          a `graft predict` output: the version its rows name (show only)
 """
 
 

@@ -20,9 +20,11 @@ from typing import Any
 
 from torch import nn
 
+from graft.config.settings import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
 from graft.data.verify import CheckSettings
 from graft.errors import GraftError
 from graft.hashing import sha256_hex
+from graft.inference.records import UNPUBLISHED
 from graft.registry.lineage import LineageError, Target, index_path, resolve
 from graft.registry.lineage_index import open_index, refresh
 from graft.registry.lineage_queries import versions_with_weights
@@ -35,8 +37,6 @@ from graft.training.checkpoints import (
     checkpoint_from_bytes,
     model_from_state,
 )
-
-UNPUBLISHED = "unpublished"  # the model_version of weights no published version holds
 
 
 class ModelSourceError(GraftError):
@@ -168,4 +168,7 @@ def _settings(root: Path, commit: str | None) -> CheckSettings:
     except (GraftError, OSError, ValueError, AttributeError):
         ingest = {}
     fields = {field.name for field in dataclasses.fields(CheckSettings)}
-    return CheckSettings(**{key: value for key, value in ingest.items() if key in fields})
+    chosen = {key: value for key, value in ingest.items() if key in fields}
+    chosen.setdefault("min_side", DEFAULT_MIN_SIDE)
+    chosen.setdefault("max_pixels", DEFAULT_MAX_PIXELS)
+    return CheckSettings(**chosen)

@@ -23,12 +23,15 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, NamedTuple
+from typing import IO, TYPE_CHECKING, Any, NamedTuple
 
 from graft.atomic import atomic_path
-from graft.inference.model_source import ModelSource
+
+if TYPE_CHECKING:  # the model code imports torch; reading rows back (lineage) must not
+    from graft.inference.model_source import ModelSource
 
 FORMATS = ("csv", "jsonl")
+UNPUBLISHED = "unpublished"  # the model_version of weights no published version holds
 MODEL_FIELDS = ("model_version", "model_commit", "weights_sha256")
 DIGITS = 6  # probabilities are written rounded to this many decimals
 

@@ -7,6 +7,7 @@ where ``meta`` holds only strings, numbers, lists and dicts.
 from __future__ import annotations
 
 import io
+import pickle
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -75,6 +76,12 @@ def checkpoint_from_bytes(data: bytes, name: str) -> tuple[dict[str, torch.Tenso
 def _read(source: Path | BinaryIO, name: str) -> tuple[dict[str, torch.Tensor], CheckpointMeta]:
     try:
         payload = torch.load(source, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's own message is a page long and suggests weights_only=False: never for us.
+        raise CheckpointError(
+            f"{name} is not a graft checkpoint: not a PyTorch file, or one holding more "
+            "than tensors and plain data (refused by torch.load(weights_only=True))"
+        ) from None
     except Exception as error:  # torch raises several types for foreign or damaged files
         raise CheckpointError(f"cannot read checkpoint {name}: {error}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
