@@ -1,4 +1,4 @@
-"""The CUDA-only paths: mixed precision, channels-last and pinned batches.
+"""The CUDA-only paths: mixed precision, channels-last, pinned batches, graft predict on CUDA.
 
 Marked ``gpu``: skipped on machines without CUDA (see conftest.py) and run wherever a GPU is
 lent, with `pytest -m gpu`.
@@ -6,12 +6,19 @@ lent, with `pytest -m gpu`.
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from graft.config.params import Common
 from graft.data.loaders import ImageSet, InMemoryImages, make_loader
+from graft.inference.model_source import load_model
+from graft.inference.predict import PredictOptions, gather_inputs, predict_files
+from graft.training.checkpoints import CheckpointMeta, save_checkpoint
 from graft.training.device import Speed
 from graft.training.loop import fit, measure
 from graft.training.models import build_model
@@ -89,3 +96,24 @@ def test_folded_vgg_trains_under_mixed_precision() -> None:
     assert outcome.best is not None
     first = model.get_submodule("classifier.0")
     assert isinstance(first, nn.Linear) and first.in_features == 512 * 7 * 7  # unfolded again
+
+
+def test_predict_on_cuda_agrees_with_the_cpu(tmp_path: Path) -> None:
+    # graft predict's batches on the GPU (uint8 moved, normalised there) against the CPU run.
+    torch.manual_seed(0)
+    meta = CheckpointMeta("resnet18", ["a", "b", "c"], 32, [0.5] * 3, [0.5] * 3, 0, {}, "x")
+    save_checkpoint(tmp_path / "model.pt", build_model("resnet18", 3), meta)
+    generator = np.random.default_rng(0)
+    for index in range(20):
+        pixels = generator.integers(0, 255, (40, 48, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / f"{index:02d}.png")
+    files = gather_inputs([tmp_path]).files[:-1]  # the images, not model.pt (sorted last)
+    model, source = load_model(tmp_path, str(tmp_path / "model.pt"))
+    rows = {
+        device: list(predict_files(model, source, files, PredictOptions(8, 3, 1, device)))
+        for device in ("cpu", "cuda")
+    }
+    assert [r.verdict for r in rows["cuda"]] == ["accepted"] * 20
+    for on_cpu, on_gpu in zip(rows["cpu"], rows["cuda"], strict=True):
+        assert [label for label, _ in on_gpu.top] == [label for label, _ in on_cpu.top]
+        assert [p for _, p in on_gpu.top] == pytest.approx([p for _, p in on_cpu.top], abs=1e-4)
