@@ -401,6 +401,10 @@ def test_the_card_shows_target_images_found_in_pretraining_and_near_duplicate_gr
     assert "pretraining made no difference: 0.0 points of test accuracy" in text
 
 
+# Runs the code on stdin with any import of graft failing, every warning an error.
+SNIPPET_RUNNER = 'import sys; sys.modules["graft"] = None; exec(sys.stdin.read())'
+
+
 def test_the_package_holds_the_weights_the_exported_program_and_the_card(project: Path) -> None:
     inputs = write_inputs(project, gain=0.01)
     card, text = written_card(inputs)
@@ -419,11 +423,12 @@ def test_the_package_holds_the_weights_the_exported_program_and_the_card(project
     assert f"(here S = {inputs.finetuned.image_size})" in text
 
     # The card's own code, run in the package by a Python that cannot import graft, names the
-    # class the program gives graft's decoding of a demo digit (opaque 8-bit: no difference).
+    # class the program gives graft's decoding of a demo digit (opaque 8-bit: no difference),
+    # and warns of nothing.
     digit = sorted((DEMO / "target" / "5").glob("digit-*.png"))[0]
     shutil.copyfile(digit, package / SNIPPET_IMAGE)
     done = subprocess.run(
-        [sys.executable, "-c", 'import sys; sys.modules["graft"] = None; exec(sys.stdin.read())'],
+        [sys.executable, "-W", "error", "-c", SNIPPET_RUNNER],
         input=snippet_of(text), cwd=package, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr

@@ -89,8 +89,8 @@ def export_lines(export: dict[str, Any] | None) -> list[str]:
         f'extra_files=extra).module(); meta = json.loads(extra["{metadata}"])',
         f'image = ImageOps.exif_transpose(Image.open("{SNIPPET_IMAGE}")).convert("RGB")'
         '.resize((meta["image_size"],) * 2, Image.Resampling.BILINEAR)',
-        "probabilities = model(torch.from_numpy(np.array(image))[None])[0]; "
-        'print(meta["classes"][int(probabilities.argmax())], float(probabilities.max()))',
+        "with torch.no_grad(): probabilities = model(torch.from_numpy(np.array(image))[None])[0]"
+        '; print(meta["classes"][int(probabilities.argmax())], float(probabilities.max()))',
         "```",
         "",
         "`graft predict` applies graft's full verification and its exact decoding (alpha "
