@@ -3,8 +3,8 @@
 The package (``paths.register.package``) holds ``model.pt`` (the fine-tuned checkpoint, loadable
 with ``torch.load(weights_only=True)``), ``model.pt2`` (the same model with its preprocessing as a
 ``torch.export`` program, loadable without graft: graft/registry/export.py), ``model_card.json``
-and ``model_card.md``. When the gate
-fails the stage fails, naming each metric that missed its threshold, and writes nothing.
+and ``model_card.md``. When the gate fails the stage fails, naming each metric that missed its
+threshold, and writes nothing.
 
 The card holds only what this stage's declared deps and params determine, so ``dvc repro`` on a
 fresh clone reproduces it byte for byte. The code commit, the dirty flag, the environment and the
