@@ -5,19 +5,28 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pytest
+import torch
 import yaml
-from helpers import ROOT, tiny_params
+from helpers import DEMO, ROOT, tiny_params
+from test_export import snippet_of
 from torch import nn
 
 from graft.config.params import Params, load_params, parse_params
+from graft.data.decoding import decode_square
 from graft.data.layout import manifest_path
-from graft.registry.package_layout import CARD_JSON, CARD_MARKDOWN
+from graft.hashing import file_sha256
+from graft.registry.card_markdown import SNIPPET_IMAGE
+from graft.registry.export import load_program
+from graft.registry.package_layout import CARD_JSON, CARD_MARKDOWN, PROGRAM, WEIGHTS
 from graft.registry.register import (
     GateError,
     data_summary,
@@ -26,6 +35,7 @@ from graft.registry.register import (
     used_params,
 )
 from graft.training.checkpoints import CheckpointMeta, save_checkpoint
+from graft.training.models import build_model
 
 
 def metrics(accuracy: float, recalls: dict[str, float]) -> dict[str, object]:
@@ -178,7 +188,8 @@ def write_inputs(root: Path, *, gain: float, recalls: list[float] | None = None)
         epoch=5, metrics={"val_accuracy": 0.875, "val_loss": 0.3}, init="checkpoint:ab12",
         extra={"backbone_init": "scratch", "best_phase": "unfreeze"},
     )  # fmt: skip
-    save_checkpoint(root / paths.finetune.checkpoint, nn.Linear(2, 3), finetuned)
+    # A real network: the stage exports it (graft.registry.export).
+    save_checkpoint(root / paths.finetune.checkpoint, build_model("resnet18", 3), finetuned)
     training = {
         "pretrain": {"best_epoch": 6, "device": "cuda", "device_name": "Test GPU 80GB"},
         "finetune": {"best_epoch": 5, "device": "cpu"},
@@ -388,3 +399,43 @@ def test_the_card_shows_target_images_found_in_pretraining_and_near_duplicate_gr
         f"{found['label_conflicts']} under two or more labels"
     ) in text
     assert "pretraining made no difference: 0.0 points of test accuracy" in text
+
+
+# Runs the code on stdin with any import of graft failing, every warning an error.
+SNIPPET_RUNNER = 'import sys; sys.modules["graft"] = None; exec(sys.stdin.read())'
+
+
+def test_the_package_holds_the_weights_the_exported_program_and_the_card(project: Path) -> None:
+    inputs = write_inputs(project, gain=0.01)
+    card, text = written_card(inputs)
+    package = inputs.params.paths.registry.package
+    assert sorted(path.name for path in package.iterdir()) == sorted(
+        [WEIGHTS, PROGRAM, CARD_JSON, CARD_MARKDOWN]
+    )
+    # The program is the package's model.pt, exported: its metadata names that file's hash.
+    _, metadata = load_program(package / PROGRAM)
+    assert metadata["weights_sha256"] == file_sha256(package / WEIGHTS)
+    assert metadata["classes"] == inputs.finetuned.classes
+    assert metadata["image_size"] == inputs.finetuned.image_size
+    assert card["export"]["file"] == PROGRAM
+    assert card["export"]["format"] == "torch.export"
+    assert card["export"]["input"]["image_size"] == inputs.finetuned.image_size
+    assert f"(here S = {inputs.finetuned.image_size})" in text
+
+    # The card's own code, run in the package by a Python that cannot import graft, names the
+    # class the program gives graft's decoding of a demo digit (opaque 8-bit: no difference),
+    # and warns of nothing.
+    digit = sorted((DEMO / "target" / "5").glob("digit-*.png"))[0]
+    shutil.copyfile(digit, package / SNIPPET_IMAGE)
+    done = subprocess.run(
+        [sys.executable, "-W", "error", "-c", SNIPPET_RUNNER],
+        input=snippet_of(text), cwd=package, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    label, probability = done.stdout.split()
+    pixels = decode_square(digit.read_bytes(), inputs.finetuned.image_size)
+    program, _ = load_program(package / PROGRAM)
+    with torch.no_grad():
+        expected = program.module()(torch.from_numpy(pixels)[None])[0]
+    assert label == inputs.finetuned.classes[int(expected.argmax())]
+    assert float(probability) == pytest.approx(float(expected.max()), abs=1e-5)

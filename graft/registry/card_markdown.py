@@ -3,7 +3,7 @@
 graft.registry.register gathers the facts (``model_card.json``); this module only words them,
 so the two files never disagree. The result comes first (test metrics, transfer gain), then
 how the model was made (backbone, fine-tuning, device), the gate it passed, per-class scores,
-the data, and the hashes of the inputs.
+the data, how to use the exported program without graft, and the hashes of the inputs.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from graft.config.settings import ROLES
 
 PHASES = {"head": "backbone frozen", "unfreeze": "deepest backbone blocks unfrozen"}
 LISTED_CLASSES = 12  # class names listed before "and N more": ImageNet has 1,000
+SNIPPET_IMAGE = "image.jpg"  # the image file the card's "Use it without graft" code classifies
 
 
 def render_markdown(card: dict[str, Any]) -> str:
@@ -52,6 +53,7 @@ def render_markdown(card: dict[str, Any]) -> str:
     lines += ["", "## Data", "", *_counts_table(card), ""]
     lines += ingest_lines(card["data"])
     lines += _near_duplicate_lines(card)
+    lines += export_lines(card.get("export"))
     lines += ["", "## Inputs (sha256)", ""]
     lines += [f"- {name}: `{digest}`" for name, digest in card["inputs_sha256"].items()]
     lines += [
@@ -60,6 +62,41 @@ def render_markdown(card: dict[str, Any]) -> str:
         "(`graft lineage show <name>@<version>`).",
     ]
     return "\n".join(lines) + "\n"
+
+
+def export_lines(export: dict[str, Any] | None) -> list[str]:
+    """The "Use it without graft" section, after a blank line: the exported program's file,
+    input and output (``export`` is the card's section), and Python code that loads it with
+    torch alone and classifies the image file ``image.jpg`` (:data:`SNIPPET_IMAGE`), run in
+    the package's folder; none for a card without an export (made before there was one)."""
+    if export is None:
+        return []
+    size = export["input"]["image_size"]
+    program, metadata = export["file"], export["metadata"]
+    return [
+        "",
+        "## Use it without graft",
+        "",
+        f"`{program}` is the model with its preprocessing as a `{export['format']}` program "
+        f"that needs only torch: input {export['input']['layout']} (here S = {size}); output "
+        f"{export['output']}. `{metadata}` inside it holds the classes, image size, mean, std "
+        "and the sha256 of the `model.pt` it was exported from. In the package's folder, with "
+        "torch, numpy and Pillow:",
+        "",
+        "```python",
+        "import json, numpy as np, torch; from PIL import Image, ImageOps",
+        f'extra = {{"{metadata}": ""}}; model = torch.export.load("{program}", '
+        f'extra_files=extra).module(); meta = json.loads(extra["{metadata}"])',
+        f'image = ImageOps.exif_transpose(Image.open("{SNIPPET_IMAGE}")).convert("RGB")'
+        '.resize((meta["image_size"],) * 2, Image.Resampling.BILINEAR)',
+        "with torch.no_grad(): probabilities = model(torch.from_numpy(np.array(image))[None])[0]"
+        '; print(meta["classes"][int(probabilities.argmax())], float(probabilities.max()))',
+        "```",
+        "",
+        "`graft predict` applies graft's full verification and its exact decoding (alpha "
+        "composited on black, high-bit-depth images stretched to full contrast), which this "
+        "snippet does not.",
+    ]
 
 
 def transfer_gain_lines(gain: dict[str, float] | None) -> list[str]:

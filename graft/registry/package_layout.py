@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 WEIGHTS = "model.pt"  # the fine-tuned checkpoint, loadable with torch.load(weights_only=True)
+PROGRAM = "model.pt2"  # the same model as a torch.export program, loadable without graft
 CARD_JSON = "model_card.json"
 CARD_MARKDOWN = "model_card.md"
 

@@ -1,8 +1,10 @@
 """Stage ``register``: gate the model on its test metrics and package it with a model card.
 
 The package (``paths.register.package``) holds ``model.pt`` (the fine-tuned checkpoint, loadable
-with ``torch.load(weights_only=True)``), ``model_card.json`` and ``model_card.md``. When the gate
-fails the stage fails, naming each metric that missed its threshold, and writes nothing.
+with ``torch.load(weights_only=True)``), ``model.pt2`` (the same model with its preprocessing as a
+``torch.export`` program, loadable without graft: graft/registry/export.py), ``model_card.json``
+and ``model_card.md``. When the gate fails the stage fails, naming each metric that missed its
+threshold, and writes nothing.
 
 The card holds only what this stage's declared deps and params determine, so ``dvc repro`` on a
 fresh clone reproduces it byte for byte. The code commit, the dirty flag, the environment and the
@@ -25,8 +27,9 @@ from graft.data.layout import manifest_path
 from graft.data.schemas import SPLITS
 from graft.errors import GraftError
 from graft.hashing import file_sha256
+from graft.registry import export
 from graft.registry.card_markdown import render_markdown
-from graft.registry.package_layout import CARD_JSON, CARD_MARKDOWN, WEIGHTS
+from graft.registry.package_layout import CARD_JSON, CARD_MARKDOWN, PROGRAM, WEIGHTS
 from graft.training.checkpoints import load_checkpoint
 
 # The register params the stage uses (dvc.yaml lists the same keys); max_drop_vs_prod is
@@ -247,6 +250,8 @@ def model_card(params: Params, metrics: dict[str, Any]) -> dict[str, Any]:
             "mean": meta.mean,
             "std": meta.std,
         },
+        # The torch.export program in the package: how to feed it without graft.
+        "export": export.card_section(meta.image_size),
         "metrics": metrics,
         "gate": gate_record(metrics, params.registry),
         "training": {
@@ -288,10 +293,12 @@ def model_card(params: Params, metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def register(params: Params) -> dict[str, Any]:
-    """Gate on the evaluation metrics, then write the package (weights and model card)
-    atomically to ``paths.register.package``. Returns the card. Raises GateError, naming each
-    metric that missed its threshold, without writing anything; CheckpointError when a
-    checkpoint is missing or not graft's, OSError when a report is missing."""
+    """Gate on the evaluation metrics, then write the package (weights, exported program and
+    model card) atomically to ``paths.register.package``. Returns the card. Raises GateError,
+    naming each metric that missed its threshold, without writing anything; CheckpointError
+    when a checkpoint is missing, not graft's or its weights do not fit its architecture,
+    OSError when a report is missing, and torch's errors when the network cannot be exported
+    (nothing is written then either)."""
     metrics = read_json(params.paths.evaluate.metrics)
     failures = gate_failures(metrics, params.registry)
     if failures:
@@ -299,6 +306,8 @@ def register(params: Params) -> dict[str, Any]:
     card = model_card(params, metrics)
     with atomic.atomic_path(params.paths.registry.package, directory=True) as package:
         shutil.copyfile(params.paths.finetune.checkpoint, package / WEIGHTS)
+        # Exported from the copy, so graft.json's sha256 is that of the package's model.pt.
+        (package / PROGRAM).write_bytes(export.export_program(package / WEIGHTS))
         (package / CARD_JSON).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
         (package / CARD_MARKDOWN).write_text(render_markdown(card), encoding="utf-8")
     return card
