@@ -3,8 +3,8 @@
 A real resnet18 checkpoint at 32 px is exported; a subprocess in which any import of graft
 fails loads the program, classifies graft-decoded pixels (one batch, and one image at a time)
 and runs the "Use it without graft" code of the model card on image files. Both must agree
-with graft's eager path: the checkpoint's network on decode_square's pixels, normalised as
-training normalises them.
+with graft's eager path (the checkpoint's network on decode_square's pixels, normalised as
+training normalises them) and with what `graft predict` writes for the same files.
 """
 
 from __future__ import annotations
@@ -148,6 +148,21 @@ def eager_probabilities(checkpoint: Path, files: Sequence[Path]) -> np.ndarray:
     return torch.softmax(logits, dim=1).numpy()
 
 
+def graft_predict(checkpoint: Path, files: Sequence[Path]) -> np.ndarray:
+    """What `graft predict` (the command, in a subprocess) gives ``files`` with the model
+    ``checkpoint``: probabilities, float (files, classes) in the checkpoint's class order."""
+    out = checkpoint.parent / "predictions.jsonl"
+    command = [sys.executable, "-m", "graft.cli.main", "predict", str(checkpoint), *map(str, files)]
+    done = subprocess.run(
+        [*command, "--top-k", str(len(CLASSES)), "-o", str(out)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [row["path"] for row in rows] == [str(path) for path in files]
+    ranked = [{top["class"]: top["probability"] for top in row["top_k"]} for row in rows]
+    return np.array([[by_class[label] for label in CLASSES] for by_class in ranked])
+
+
 def snippet_of(markdown: str) -> str:
     """The Python code of the card's "Use it without graft" section in ``markdown``."""
     section = markdown.split("## Use it without graft", 1)[1]
@@ -185,9 +200,13 @@ def test_the_program_classifies_as_graft_does_without_graft(
     np.testing.assert_allclose(result["batch"], expected, atol=TOLERANCE, rtol=0)
     np.testing.assert_allclose(result["single"], expected, atol=TOLERANCE, rtol=0)
     np.testing.assert_allclose(result["snippet"], expected[:-1], atol=TOLERANCE, rtol=0)
+    # graft predict, the command, on the same files: its classes and probabilities.
+    predicted = graft_predict(checkpoint, images)
+    np.testing.assert_allclose(result["batch"], predicted, atol=TOLERANCE, rtol=0)
     # Same classes too, not just close numbers; and the model does not answer one class for
     # every image (the comparison would then prove little).
     top = np.argmax(expected, axis=1)
+    assert np.argmax(result["batch"], axis=1).tolist() == np.argmax(predicted, axis=1).tolist()
     assert np.argmax(result["snippet"], axis=1).tolist() == top[:-1].tolist()
     assert len(set(top.tolist())) > 1 or np.ptp(expected, axis=0).max() > 1e-3
 
