@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -139,3 +140,11 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+def snippet_of(markdown: str) -> str:
+    """The Python code of the card's "Use it without graft" section in ``markdown``."""
+    section = markdown.split("## Use it without graft", 1)[1]
+    found = re.search(r"```python\n(.*?)```", section, re.DOTALL)
+    assert found, "the section holds no Python code block"
+    return found.group(1)

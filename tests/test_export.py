@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import re
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import DEMO
+from helpers import DEMO, snippet_of
 from PIL import Image
 
 from graft.data.augment import BatchTransform
@@ -161,14 +160,6 @@ def graft_predict(checkpoint: Path, files: Sequence[Path]) -> np.ndarray:
     assert [row["path"] for row in rows] == [str(path) for path in files]
     ranked = [{top["class"]: top["probability"] for top in row["top_k"]} for row in rows]
     return np.array([[by_class[label] for label in CLASSES] for by_class in ranked])
-
-
-def snippet_of(markdown: str) -> str:
-    """The Python code of the card's "Use it without graft" section in ``markdown``."""
-    section = markdown.split("## Use it without graft", 1)[1]
-    found = re.search(r"```python\n(.*?)```", section, re.DOTALL)
-    assert found, "the section holds no Python code block"
-    return found.group(1)
 
 
 def without_graft(package: Path, files: Sequence[Path], snippet: str) -> dict:

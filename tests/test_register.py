@@ -16,8 +16,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from helpers import DEMO, ROOT, tiny_params
-from test_export import snippet_of
+from helpers import DEMO, ROOT, snippet_of, tiny_params
 from torch import nn
 
 from graft.config.params import Params, load_params, parse_params
