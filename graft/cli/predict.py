@@ -139,7 +139,11 @@ def add_command(commands: Any) -> None:
         "--batch-size", type=int, default=256, metavar="IMAGES", help="images per forward pass"
     )
     parser.add_argument(
-        "--workers", type=int, default=0, metavar="N", help="decoding processes; 0: one per core"
+        "--workers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="decoding processes; 0: half the cores on the CPU (torch gets the rest), all with a GPU",
     )
     parser.add_argument(
         "--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps"

@@ -40,9 +40,9 @@ class InputError(GraftError):
 
 @dataclass(frozen=True)
 class Inputs:
-    """The files to predict, in order: each file given, then each folder's files at any
-    depth (hidden and system files skipped and counted in ``skipped``). ``path`` of each
-    :class:`SourceFile` is the OS path; ``relative`` the path as rows show it."""
+    """The files to predict, in the order the paths were given, a folder's files at any depth
+    in its place (hidden and system files skipped and counted in ``skipped``). ``path`` of
+    each :class:`SourceFile` is the OS path; ``relative`` the path as rows show it."""
 
     files: list[SourceFile]
     skipped: int
@@ -74,8 +74,9 @@ def gather_inputs(paths: Sequence[Path]) -> Inputs:
 @dataclass(frozen=True)
 class PredictOptions:
     """How to predict: ``batch_size`` images per forward pass, ``top_k`` ranked classes per row
-    (at most the model's classes), ``workers`` decoding processes (0: one per core) and
-    ``device`` as ``common.device`` names one (``auto``: CUDA, then MPS, then the CPU)."""
+    (at most the model's classes), ``workers`` decoding processes (0: half the cores when the
+    network runs on the CPU, every core otherwise) and ``device`` as ``common.device`` names
+    one (``auto``: CUDA, then MPS, then the CPU)."""
 
     batch_size: int = 256
     top_k: int = 3
