@@ -143,7 +143,7 @@ def add_command(commands: Any) -> None:
         type=int,
         default=0,
         metavar="N",
-        help="decoding processes; 0: half the cores on the CPU (torch gets the rest), all with a GPU",
+        help="decoding processes; 0: half the cores on the CPU (torch gets the rest), all on a GPU",
     )
     parser.add_argument(
         "--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps"
