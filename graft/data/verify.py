@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from graft.config.settings import (
     DEFAULT_DECODE_MEMORY_MB,
     DEFAULT_DECODE_TIMEOUT_S,
@@ -27,7 +29,7 @@ from graft.config.settings import (
 )
 from graft.data.budget import Budget, Outcome, map_budgeted
 from graft.data.decoding import PillowLimits, configure_pillow
-from graft.data.image_check import ImageCheck, check_image_bytes
+from graft.data.image_check import ImageCheck, check_image_bytes, decode_checked
 from graft.data.sources import SourceFile, display_name, scan_folder
 from graft.data.verify_cache import FileStat, VerifyCache, store_object
 from graft.hashing import file_sha256, sha256_hex
@@ -146,13 +148,26 @@ def _check(task: _Task) -> tuple[FileRecord, FileStat | None]:
     if isinstance(data, FileRecord):  # not read: why is its verdict
         return data, stat
     sha256 = sha256_hex(data)
-    try:
-        check = check_image_bytes(data, min_side=settings.min_side, max_pixels=settings.max_pixels)
-    except MemoryError:
-        check = ImageCheck("too_large", over_memory(settings))
+    check, _ = judge_bytes(data, settings)
     if check.verdict == "accepted" and task.objects is not None:
         store_object(task.objects, sha256, data)
     return FileRecord.of(file.relative, file.label, sha256, len(data), check), stat
+
+
+def judge_bytes(
+    data: bytes, settings: CheckSettings, size: int | None = None
+) -> tuple[ImageCheck, np.ndarray | None]:
+    """The verdict on a file's ``data`` under ``settings`` and, with ``size``, an accepted
+    image's (size, size, 3) uint8 pixels as training decodes them (graft.data.image_check:
+    :func:`check_image_bytes`, :func:`decode_checked`). Running out of the memory budget
+    mid-decode is ``too_large``, naming the budget. Raises nothing."""
+    limits = {"min_side": settings.min_side, "max_pixels": settings.max_pixels}
+    try:
+        if size is None:
+            return check_image_bytes(data, **limits), None
+        return decode_checked(data, **limits, size=size)
+    except MemoryError:
+        return ImageCheck("too_large", over_memory(settings)), None
 
 
 def read_file(

@@ -10,9 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from graft.data.image_check import ImageCheck, decode_checked
 from graft.data.sources import SourceFile
-from graft.data.verify import CheckSettings, FileRecord, over_memory, read_file
+from graft.data.verify import CheckSettings, FileRecord, judge_bytes, read_file
 from graft.hashing import sha256_hex
 
 
@@ -35,11 +34,5 @@ def check_and_decode(task: DecodeTask) -> tuple[FileRecord, np.ndarray | None]:
     data, _ = read_file(file, settings)
     if isinstance(data, FileRecord):  # not read: why is its verdict
         return data, None
-    sha256 = sha256_hex(data)
-    try:
-        check, pixels = decode_checked(
-            data, min_side=settings.min_side, max_pixels=settings.max_pixels, size=task.size
-        )
-    except MemoryError:
-        check, pixels = ImageCheck("too_large", over_memory(settings)), None
-    return FileRecord.of(file.relative, file.label, sha256, len(data), check), pixels
+    check, pixels = judge_bytes(data, settings, task.size)
+    return FileRecord.of(file.relative, file.label, sha256_hex(data), len(data), check), pixels
