@@ -25,6 +25,7 @@ from helpers import DEMO, tool_env
 from odd_files import gradient, jpeg_with_bad_exif, png_with_bad_crc, sixteen_bit_gray
 from PIL import Image
 
+from graft.cli.predict import project_root
 from graft.data.augment import BatchTransform
 from graft.data.decoding import decode_square
 from graft.data.image_check import check_image_bytes
@@ -212,9 +213,77 @@ def test_bad_references_and_inputs_are_named_and_nothing_is_written(
         assert not out.exists() and not list(tmp_path.glob(".predictions.csv*"))
     missing = _graft("predict", str(package), str(tmp_path / "missing.png"), cwd=tmp_path)
     assert f"input {tmp_path / 'missing.png'} does not exist" in missing.stderr
+
+
+def test_out_never_replaces_what_is_not_a_prediction_file(
+    package: Path, images: Path, tmp_path: Path
+) -> None:
+    image = images / "5-digit-0005.png"
+    before = image.read_bytes()
+    fifo = tmp_path / "pipe.csv"
+    os.mkfifo(fifo)
+    folder = tmp_path / "folder.csv"
+    folder.mkdir()
+    refused = {
+        str(image): "is one of the inputs",
+        str(fifo): "is not a regular file",
+        str(folder): "is not a regular file",
+    }
+    for out, message in refused.items():
+        result = _graft("predict", str(package), str(images), "--out", out, cwd=tmp_path)
+        assert result.returncode == 1 and message in result.stderr, result.stderr
+    assert image.read_bytes() == before and fifo.is_fifo() and folder.is_dir()
+
+    target = tmp_path / "kept" / "rows.csv"  # a link's target is written; the link stays
+    target.parent.mkdir()
+    link = tmp_path / "link.csv"
+    link.symlink_to(target)
     assert (
-        _graft("predict", str(package), str(images), "--top-k", "0", cwd=tmp_path).returncode == 1
+        _graft("predict", str(package), str(image), "--out", str(link), cwd=tmp_path).returncode
+        == 0
     )
+    assert link.is_symlink() and len(_rows(target)) == 1
+    nested = tmp_path / "new" / "deeper" / "rows.csv"  # missing folders are made
+    assert (
+        _graft("predict", str(package), str(image), "-o", str(nested), cwd=tmp_path).returncode == 0
+    )
+    assert len(_rows(nested)) == 1
+    dash = _graft("predict", str(package), str(image), "--out", "-", cwd=tmp_path)
+    assert dash.stdout.startswith("path,sha256,") and not (tmp_path / "-").exists()
+
+
+def test_options_no_run_could_use_are_refused_before_any_work(
+    package: Path, images: Path, tmp_path: Path
+) -> None:
+    for option, value in (("--batch-size", "0"), ("--top-k", "-1"), ("--workers", "x")):
+        result = _graft("predict", str(package), str(images), option, value, cwd=tmp_path)
+        assert result.returncode == 2 and option in result.stderr, result.stderr
+    if not torch.cuda.is_available():
+        result = _graft("predict", str(package), str(images), "--device", "cuda", cwd=tmp_path)
+        assert result.returncode == 1
+        assert result.stderr.strip() == "error: --device cuda: no cuda device here; try auto or cpu"
+    program = tmp_path / "model.pt2"
+    program.write_bytes(b"PK")
+    with pytest.raises(ModelSourceError, match="the exported program"):
+        load_model(tmp_path, str(program))
+    many = _graft(
+        "predict",
+        str(package),
+        str(images / "odd" / "deeper" / "rgba.png"),
+        "--top-k",
+        "9",
+        cwd=tmp_path,
+    )
+    assert many.stdout.splitlines()[0] == ",".join(csv_columns(len(CLASSES)))
+
+
+def test_the_project_is_found_from_a_folder_inside_it(tmp_path: Path) -> None:
+    (tmp_path / "params.yaml").write_text("{}")
+    (tmp_path / ".git").mkdir()
+    inside = tmp_path / "data" / "incoming"
+    inside.mkdir(parents=True)
+    assert project_root(inside) == tmp_path
+    assert project_root(tmp_path.parent) == tmp_path.parent  # none above: the folder itself
 
 
 def test_a_package_whose_card_or_classes_do_not_fit_its_weights_is_refused(
@@ -313,6 +382,10 @@ def test_a_prediction_file_names_its_model_and_mixed_files_are_told_apart(tmp_pa
     lines = tmp_path / "p.jsonl"
     lines.write_text(json.dumps(v2 | {"top_k": []}) + "\n")
     assert models_in(lines) is not None and predictions_model(tmp_path, lines).ref == "m@v1.0.1"  # type: ignore[union-attr]
+    header_only = tmp_path / "header.csv"
+    header_only.write_text(",".join(columns) + "\n")
+    with pytest.raises(LineageError, match="a prediction file without rows names no model"):
+        predictions_model(tmp_path, header_only)
     for other in (DEMO / "target" / "5" / "digit-0005.png", tmp_path / "plain.csv"):
         if not other.exists():
             other.write_text("a,b\n1,2\n")

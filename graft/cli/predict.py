@@ -34,7 +34,8 @@ output (CSV, or JSON lines with --format jsonl), one row per input file, in inpu
   verdict         accepted, or why not: zero_byte, not_image, corrupt, unsupported, too_small,
                   too_large, timeout, unreadable (README: Ingest verdicts)
   reason          what was wrong (for accepted files: empty, or a warning)
-  class           the predicted class; probability: its softmax probability, 0-1
+  class           the predicted class; probability: its softmax probability, 0-1, rounded to
+                  6 decimals
   class_N         the N-th most probable class and probability_N its probability, N = 1..K
                   (JSON lines: top_k, a list of {class, probability})
   model_version   the published version (NAME@vX.Y.Z), or "unpublished"
@@ -43,7 +44,9 @@ output (CSV, or JSON lines with --format jsonl), one row per input file, in inpu
 `graft lineage show PREDICTIONS_FILE` tells what produced the model behind a file of rows.
 
 exit status: 0; with --fail-on-rejected, 3 when any input was rejected; 1 for an error (a \
-MODEL that names nothing, an INPUT that does not exist), 2 for bad arguments.
+MODEL that names nothing, an INPUT that does not exist, an --out that cannot be written), 2 \
+for bad arguments; 128 + the signal when stopped (130 for Ctrl-C, 143 for SIGTERM), with \
+nothing written to --out and no process left behind.
 
 examples:
   graft predict digits-5-9@latest data/demo/target --out predictions.csv
@@ -59,7 +62,7 @@ def _predict(arguments: argparse.Namespace) -> None:
         gather_inputs,
         predict_files,
     )
-    from graft.inference.records import prediction_output
+    from graft.inference.records import output_target, prediction_output
 
     options = PredictOptions(
         arguments.batch_size, arguments.top_k, arguments.workers, arguments.device
@@ -69,7 +72,10 @@ def _predict(arguments: argparse.Namespace) -> None:
     inputs = gather_inputs(arguments.inputs)  # every path checked before the model is read
     if not inputs.files:
         raise GraftError(f"no files in {', '.join(map(str, arguments.inputs))}")
-    model, source = load_model(arguments.root, arguments.model)
+    out = output_target(arguments.out, {file.path for file in inputs.files})
+    root = arguments.root if arguments.root is not None else project_root(Path.cwd())
+    model, source = load_model(root, arguments.model)
+    top_k = min(options.top_k, len(source.meta.classes))
     verdicts: Counter[str] = Counter()
     from graft.cli.main import STOP_SIGNALS, Interrupted, raise_on_signals
 
@@ -77,30 +83,62 @@ def _predict(arguments: argparse.Namespace) -> None:
     # removed (prediction_output), and the command ends with one line instead of a traceback.
     raise_on_signals(STOP_SIGNALS, Interrupted, once=True, quiet=True)
     try:
-        with prediction_output(arguments.out, form, options.top_k, source) as writer:
+        with prediction_output(out, form, top_k, source) as writer:
             for row in predict_files(model, source, inputs.files, options):
                 writer.write(row)
                 verdicts[row.verdict] += 1
     except Interrupted as stop:
-        kept = f"; {arguments.out} not written" if arguments.out else ""
+        kept = f"; {out} not written" if out else ""
         print(f"graft predict: interrupted by {stop}{kept}", file=sys.stderr)
         sys.exit(128 + stop.signum)
-    _summary(arguments, source, verdicts, inputs.skipped)
+    except BrokenPipeError:
+        raise  # the reader stopped early (`| head`): graft's main ends quietly
+    except OSError as error:  # the disk is full, the folder went away, ...
+        where = out or "standard output"
+        raise GraftError(
+            f"cannot write {where}: {error.strerror or error}; nothing written"
+        ) from None
+    _summary(out, source, verdicts, inputs.skipped)
     rejected = sum(n for verdict, n in verdicts.items() if verdict != "accepted")
     if arguments.fail_on_rejected and rejected:
         print(f"{rejected} files rejected: exit status {REJECTED_EXIT}", file=sys.stderr)
         sys.exit(REJECTED_EXIT)
 
 
+def project_root(start: Path) -> Path:
+    """The project ``start`` is in: the nearest folder, ``start`` or above, that holds
+    params.yaml and .git; ``start`` itself when none does. Raises nothing."""
+    for folder in (start, *start.parents):
+        if (folder / "params.yaml").is_file() and (folder / ".git").exists():
+            return folder
+    return start
+
+
+def _positive(text: str) -> int:
+    return _at_least(text, 1)
+
+
+def _not_negative(text: str) -> int:
+    return _at_least(text, 0)
+
+
+def _at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+    return value
+
+
 def _format_of(out: Path | None) -> str:
     return "jsonl" if out is not None and out.suffix.lower() in (".jsonl", ".ndjson") else "csv"
 
 
-def _summary(
-    arguments: argparse.Namespace, source: Any, verdicts: Counter[str], skipped: int
-) -> None:
+def _summary(out: Path | None, source: Any, verdicts: Counter[str], skipped: int) -> None:
     counts = ", ".join(f"{verdict} {n}" for verdict, n in verdicts.most_common())
-    where = f" -> {arguments.out}" if arguments.out else ""
+    where = f" -> {out}" if out else ""
     print(
         f"{sum(verdicts.values())} files: {counts}; {skipped} hidden or system files skipped; "
         f"model {source.version} (weights sha256 {source.weights_sha256[:12]}, "
@@ -126,21 +164,31 @@ def add_command(commands: Any) -> None:
         "-o",
         "--out",
         type=Path,
-        help="file to write, whole or not at all (written beside it, then renamed); "
-        "standard output when left out",
+        help="file to write, whole or not at all (written beside it, then renamed; its folder "
+        "is created; a link's target is written); standard output when left out or -",
     )
     parser.add_argument(
         "--format",
         choices=("csv", "jsonl"),
         help="output format; left out: jsonl for an --out ending .jsonl or .ndjson, else csv",
     )
-    parser.add_argument("--top-k", type=int, default=3, metavar="K", help="ranked classes per row")
     parser.add_argument(
-        "--batch-size", type=int, default=256, metavar="IMAGES", help="images per forward pass"
+        "--top-k",
+        type=_positive,
+        default=3,
+        metavar="K",
+        help="ranked classes per row (at most the model's classes)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=_positive,
+        default=256,
+        metavar="IMAGES",
+        help="images per forward pass",
     )
     parser.add_argument(
         "--workers",
-        type=int,
+        type=_not_negative,
         default=0,
         metavar="N",
         help="decoding processes; 0: half the cores on the CPU (torch gets the rest), all on a GPU",
@@ -156,7 +204,7 @@ def add_command(commands: Any) -> None:
     parser.add_argument(
         "--root",
         type=Path,
-        default=Path("."),
-        help="the project root (git repository with params.yaml) MODEL is looked up in",
+        help="the project (git repository with params.yaml) MODEL is looked up in; left out: "
+        "the nearest one at or above the current folder",
     )
     parser.set_defaults(handler=_predict)

@@ -95,6 +95,11 @@ def _from_disk(root: Path, path: Path) -> tuple[bytes, dict[str, Any] | None, Ta
     weights = path / WEIGHTS if path.is_dir() else path
     if not weights.is_file():
         raise ModelSourceError(f"model {path}: a folder without {WEIGHTS} (not a package)")
+    if weights.suffix == ".pt2":
+        raise ModelSourceError(
+            f"model {path}: the exported program (for use without graft); give the package "
+            f"folder or its {WEIGHTS}"
+        )
     data = weights.read_bytes()
     card_path = weights.parent / CARD_JSON
     try:
@@ -125,7 +130,15 @@ def _from_revision(root: Path, ref: str) -> tuple[bytes, dict[str, Any], Target]
             f"model {ref}: no such file or folder, and {root.resolve()} is not a git "
             "repository to look a version or revision up in (--root)"
         )
-    target = resolve(root, ref)
+    try:
+        target = resolve(root, ref)
+    except LineageError:
+        if "/" in ref or ref.endswith((".pt", ".pt2")):  # meant as a path, not a version
+            raise ModelSourceError(
+                f"model {ref}: no such file or folder (a package appears after `dvc repro`, "
+                "or `dvc pull` from a DVC remote), nor a version or git revision"
+            ) from None
+        raise
     try:
         package = str(params_at(root, target.commit)["paths"]["register"]["package"])
     except KeyError:

@@ -85,16 +85,24 @@ class PredictOptions:
 
 
 def check_options(options: PredictOptions) -> None:
-    """Raise GraftError, naming the option, for a value no run could use."""
+    """Raise GraftError, naming the option, for a value no run could use: sizes below 1, a
+    device torch cannot parse or this machine lacks."""
     for name in ("batch_size", "top_k"):
         if getattr(options, name) < 1:
             raise GraftError(f"--{name.replace('_', '-')} must be at least 1")
     if options.workers < 0:
         raise GraftError("--workers must be 0 (one per core) or more")
     try:
-        resolve_device(options.device)
+        device = resolve_device(options.device)
     except RuntimeError as error:
         raise GraftError(f"--device {options.device!r}: {error}") from None
+    missing = (device.type == "cuda" and not torch.cuda.is_available()) or (
+        device.type == "mps" and not torch.backends.mps.is_available()
+    )
+    if missing:
+        raise GraftError(
+            f"--device {options.device}: no {device.type} device here; try auto or cpu"
+        )
 
 
 def predict_files(

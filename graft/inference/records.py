@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 from collections import Counter
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, NamedTuple
 
 from graft.atomic import atomic_path
+from graft.errors import GraftError
 
 if TYPE_CHECKING:  # the model code imports torch; reading rows back (lineage) must not
     from graft.inference.model_source import ModelSource
@@ -95,13 +97,44 @@ def _model_values(source: ModelSource) -> tuple[str, str, str]:
     return source.version, source.commit or "", source.weights_sha256
 
 
+class OutputError(GraftError):
+    """An ``--out`` that graft must not or cannot write."""
+
+
+def output_target(out: Path | None, inputs: set[str]) -> Path | None:
+    """Where ``--out`` ``out`` writes, checked before any work: None for standard output
+    (``out`` None or ``-``); a symbolic link's target (the link is kept). ``inputs`` are the
+    absolute paths of the input files. Creates missing parent folders. Raises OutputError when
+    ``out`` is a folder, device or pipe (a file graft would replace by renaming), one of the
+    inputs, or in a folder that cannot be created or written."""
+    if out is None or str(out) == "-":
+        return None
+    target = Path(os.path.realpath(out))
+    if target.exists() and not target.is_file():
+        raise OutputError(
+            f"--out {out} is not a regular file (a folder, device or pipe): predictions go to a "
+            "new file renamed into place, which would replace it"
+        )
+    if str(target) in inputs or os.path.abspath(out) in inputs:
+        raise OutputError(f"--out {out} is one of the inputs: it would be overwritten")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputError(f"--out {out}: cannot create its folder: {error.strerror}") from None
+    if not os.access(target.parent, os.W_OK | os.X_OK):
+        raise OutputError(f"--out {out}: its folder {target.parent} is not writable")
+    return target
+
+
 @contextmanager
 def prediction_output(
     out: Path | None, form: str, top_k: int, source: ModelSource
 ) -> Iterator[PredictionWriter]:
     """A writer to ``out``, which appears whole or not at all (written to a temporary file
-    beside it and renamed on success; an error or interrupt leaves ``out`` as it was), or to
-    standard output when ``out`` is None. Raises OSError when ``out`` cannot be written."""
+    beside it and renamed on success; an error or interrupt leaves ``out`` as it was; a
+    temporary left by a killed writer is removed by the next write to ``out``), or to standard
+    output when ``out`` is None. Check ``out`` first with :func:`output_target`. Raises
+    OSError when ``out`` cannot be written."""
     if out is None:
         yield PredictionWriter(sys.stdout, form, top_k, source)
         sys.stdout.flush()

@@ -63,6 +63,8 @@ def predictions_model(root: Path, path: Path) -> PredictionsModel | None:
     counts = models_in(path)
     if counts is None:
         return None
+    if not counts:
+        raise LineageError(f"{path}: a prediction file without rows names no model")
     if len(counts) > 1:
         models = "; ".join(
             f"{n} rows by {m.version} (weights sha256 {m.weights_sha256[:12]})"

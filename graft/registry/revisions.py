@@ -154,7 +154,8 @@ def output_file(root: Path, commit: str, path: str) -> bytes:
         return bytes(dvc.api.read(path, repo=str(root), rev=commit, mode="rb"))
     except Exception as error:  # DVC raises many types for missing data or remotes
         raise RevisionError(
-            f"{path} at {commit[:12]} is neither in the DVC cache nor on the remote: {error}"
+            f"{path} at {commit[:12]} is neither in the DVC cache nor on the remote ({error}); "
+            "where it was made, `dvc push` it to a DVC remote this project reaches"
         ) from None
 
 
