@@ -96,8 +96,9 @@ def export_program(checkpoint: Path) -> bytes:
     """The exported program of the graft checkpoint at ``checkpoint``, as the bytes of a
     ``torch.export`` archive with ``graft.json`` inside (see the module's docstring for its
     input and output). Traced in eval mode on the CPU; the same checkpoint gives the same
-    bytes. Raises CheckpointError when the checkpoint is missing, not graft's or its weights
-    do not fit, and torch's errors when the network cannot be exported."""
+    bytes wherever graft is installed (no source paths are kept). Raises CheckpointError when
+    the checkpoint is missing, not graft's or its weights do not fit, and torch's errors when
+    the network cannot be exported."""
     # Building the network draws random initial weights; keep the caller's RNG as it was.
     with torch.random.fork_rng(devices=[]):
         network, meta = model_from_checkpoint(checkpoint)
@@ -107,6 +108,11 @@ def export_program(checkpoint: Path) -> bytes:
     batch = torch.export.Dim("batch", min=1)
     with torch.no_grad():
         program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
+    # Each node records the source lines that made it, with their files' absolute paths: the
+    # same model exported from another checkout (a work tree, another machine's clone) would
+    # differ in bytes, and DVC would see a new package. Debug information only.
+    for node in program.graph.nodes:
+        node.meta.pop("stack_trace", None)
     facts = metadata(meta, file_sha256(checkpoint))
     buffer = io.BytesIO()  # not a file path: torch would write the file's name into the zip
     torch.export.save(
