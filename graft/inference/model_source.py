@@ -73,10 +73,14 @@ def load_model(root: Path, ref: str) -> tuple[nn.Module, ModelSource]:
     RevisionError (a GraftError) when git fails.
     """
     try:
+        target: Target | None
         if Path(ref).exists():
-            data, card, target = _from_disk(root, Path(ref))
+            data, card = _from_disk(Path(ref))
+            digest = sha256_hex(data)
+            target = _published_with(root, digest)
         else:
             data, card, target = _from_revision(root, ref)
+            digest = sha256_hex(data)
         name = f"{ref} (model.pt)" if target is None else f"{ref} at {target.commit[:12]}"
         state, meta = checkpoint_from_bytes(data, name)
         _check_card(card, meta, name)
@@ -86,12 +90,11 @@ def load_model(root: Path, ref: str) -> tuple[nn.Module, ModelSource]:
     version = target.version.tag if target is not None and target.version else UNPUBLISHED
     settings = _settings(root, target.commit if target else None)
     commit = target.commit if target is not None else None
-    return model, ModelSource(ref, version, commit, sha256_hex(data), meta, settings)
+    return model, ModelSource(ref, version, commit, digest, meta, settings)
 
 
-def _from_disk(root: Path, path: Path) -> tuple[bytes, dict[str, Any] | None, Target | None]:
-    """A package folder's or model file's bytes, its card when beside it, and the published
-    version that holds exactly these weights (None when none does or there is no project)."""
+def _from_disk(path: Path) -> tuple[bytes, dict[str, Any] | None]:
+    """A package folder's or model file's bytes, and its card when beside it."""
     weights = path / WEIGHTS if path.is_dir() else path
     if not weights.is_file():
         raise ModelSourceError(f"model {path}: a folder without {WEIGHTS} (not a package)")
@@ -106,10 +109,12 @@ def _from_disk(root: Path, path: Path) -> tuple[bytes, dict[str, Any] | None, Ta
         card = json.loads(card_path.read_text(encoding="utf-8")) if card_path.is_file() else None
     except (OSError, ValueError) as error:
         raise ModelSourceError(f"model {path}: cannot read its {CARD_JSON}: {error}") from None
-    return data, card, _published_with(root, sha256_hex(data))
+    return data, card
 
 
 def _published_with(root: Path, digest: str) -> Target | None:
+    """The published version whose weights have the sha256 ``digest``; None when none does
+    or ``root`` is no project."""
     if not (root / "params.yaml").is_file() or not (root / ".git").exists():
         return None
     try:
